@@ -1,0 +1,26 @@
+"""Asynchronous RL with Lightning Fabric: inference workers as extra ranks, policy weights pushed after each step."""
+
+from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+from fabric_weightsync.callbacks import WeightSyncCallback
+from fabric_weightsync.scheme import WeightSyncScheme, WorkerFailedError
+from fabric_weightsync.strategy import WeightSyncStrategy
+from fabric_weightsync.transport import DistributedTransport, TransportError
+from fabric_weightsync.weights import SchemaMismatchError, WeightSchema, WeightStrategy
+from fabric_weightsync.worker import WeightReceiver, WorkerContext
+
+WeightSyncStrategy.register_strategies(STRATEGY_REGISTRY)
+
+__all__ = [
+    "DistributedTransport",
+    "SchemaMismatchError",
+    "TransportError",
+    "WeightReceiver",
+    "WeightSchema",
+    "WeightStrategy",
+    "WeightSyncCallback",
+    "WeightSyncScheme",
+    "WeightSyncStrategy",
+    "WorkerContext",
+    "WorkerFailedError",
+]

@@ -1,0 +1,61 @@
+"""``WeightSyncCallback``: the trainer-side Fabric callback that pushes the policy after optimizer steps."""
+
+from typing import Any, Optional
+
+from lightning.fabric.strategies import Strategy
+from torch.optim import Optimizer
+
+from fabric_weightsync.strategy import WeightSyncStrategy
+
+
+class WeightSyncCallback:
+    """Pushes the synced module's weights to every inference worker after optimizer steps.
+
+    Fabric calls :meth:`on_after_optimizer_step` after every ``optimizer.step()``. On training rank 0 it
+    stages the weights (one copy, no waiting on any worker) as version = number of steps of the trigger
+    optimizer; other ranks do nothing. The run's end (``fabric.call("on_train_end")``, or automatically when
+    the training code finishes) delivers the last version to every live worker.
+
+    Args:
+        every_n_steps: push every n-th step of the trigger optimizer; the final version is always delivered.
+        optimizer: the optimizer whose steps count and trigger pushes (raw or as returned by
+            ``fabric.setup``). Default: the first optimizer that steps, so with several optimizers (e.g. actor
+            and critic) there is still one push per training step.
+    """
+
+    def __init__(self, every_n_steps: int = 1, optimizer: Optional[Optimizer] = None) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.step = 0
+        self._trigger = _unwrap(optimizer) if optimizer is not None else None
+        self._strategy: Optional[WeightSyncStrategy] = None
+
+    def on_after_optimizer_step(self, strategy: Strategy, optimizer: Optimizer) -> None:
+        if not isinstance(strategy, WeightSyncStrategy):
+            raise TypeError(f"WeightSyncCallback needs Fabric(strategy=WeightSyncStrategy(...)), got {type(strategy).__name__}")
+        self._strategy = strategy
+        optimizer = _unwrap(optimizer)
+        if self._trigger is None:
+            self._trigger = optimizer
+        if optimizer is not self._trigger:
+            return
+        self.step += 1
+        scheme = strategy.scheme
+        if scheme is None or scheme.module is None:
+            return
+        if self.step % self.every_n_steps == 0:
+            scheme.push(self.step)
+        else:
+            scheme.note(self.step)
+
+    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+        """Deliver the last version now (also done automatically when training ends)."""
+        scheme = self._strategy.scheme if self._strategy is not None else None
+        if scheme is not None and scheme.module is not None:
+            scheme.note(self.step)
+            scheme.flush()
+
+
+def _unwrap(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)

@@ -1,0 +1,207 @@
+"""Launchers that start ``devices + inference_workers`` processes per node and route each to its role.
+
+Workers reach :meth:`WeightSyncStrategy.run_worker_process` instead of the user's training code: in script
+mode they stop inside ``fabric.launch()`` and exit there; in spawn mode they never call the user's function.
+"""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch.multiprocessing as mp
+from lightning.fabric.strategies.launchers.launcher import _Launcher
+from lightning.fabric.strategies.launchers.multiprocessing import (
+    _check_bad_cuda_fork,
+    _check_missing_main_guard,
+    _GlobalStateSnapshot,
+    _MultiProcessingLauncher,
+)
+from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd, _hydra_subprocess_cmd
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+from typing_extensions import override
+
+if TYPE_CHECKING:
+    from fabric_weightsync.strategy import WeightSyncStrategy
+
+
+class WeightSyncScriptLauncher(_Launcher):
+    """``python train.py`` + ``fabric.launch()``, torchrun and SLURM.
+
+    When the cluster does not create the processes (plain ``python train.py``), local rank 0 of each node
+    re-runs the script ``devices + inference_workers - 1`` times with ``LOCAL_RANK`` set, like Fabric's own
+    script launcher; workers get ``PR_SET_PDEATHSIG`` so they cannot outlive it. Under torchrun or SLURM the
+    processes already exist and each one just takes its role.
+    """
+
+    def __init__(self, strategy: "WeightSyncStrategy") -> None:
+        self.strategy = strategy
+        self.children: dict[int, subprocess.Popen] = {}
+
+    @property
+    @override
+    def is_interactive_compatible(self) -> bool:
+        return False
+
+    @override
+    def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        env = self.strategy.cluster_environment
+        layout = self.strategy.layout
+        env.validate_settings(num_devices=layout.processes_per_node, num_nodes=layout.num_nodes)
+        if not env.creates_processes_externally:
+            self._start_children()
+        if layout.is_worker(env.local_rank()):
+            sys.exit(self.strategy.run_worker_process())
+        _set_num_threads_if_needed(num_processes=layout.processes_per_node)
+        return function(*args, **kwargs)
+
+    def _start_children(self) -> None:
+        env = self.strategy.cluster_environment
+        layout = self.strategy.layout
+        os.environ["MASTER_ADDR"] = env.main_address
+        os.environ["MASTER_PORT"] = str(env.main_port)
+        os.environ["NODE_RANK"] = str(env.node_rank())
+        os.environ["LOCAL_RANK"] = "0"
+        os.environ["WORLD_SIZE"] = str(layout.devices * layout.num_nodes)
+        for local_rank in range(1, layout.processes_per_node):
+            child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            command, cwd = _child_command(local_rank)
+            is_worker = layout.is_worker(local_rank)
+            self.children[local_rank] = subprocess.Popen(
+                command, env=child_env, cwd=cwd, preexec_fn=_die_with_parent if is_worker else None
+            )
+        _ChildWatcher(self.strategy, self.children).start()
+
+    def join_workers(self, timeout: float) -> None:
+        """Wait for this node's worker children to exit, then kill what is left."""
+        _join_or_kill(
+            [proc for rank, proc in self.children.items() if self.strategy.layout.is_worker(rank)],
+            timeout,
+            wait=lambda proc, t: proc.wait(t),
+        )
+
+
+class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
+    """``fabric.launch(fn)`` with ``start_method`` spawn, fork or forkserver.
+
+    Fabric's launcher starts the training processes and returns rank 0's result; the workers are started
+    next to them as separate processes, so a worker that dies is handled by the failure policy instead of
+    tearing the whole process group down.
+    """
+
+    def __init__(self, strategy: "WeightSyncStrategy", start_method: str) -> None:
+        super().__init__(strategy, start_method=start_method)
+        self.strategy = strategy
+
+    @override
+    def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self._start_method in ("fork", "forkserver"):
+            _check_bad_cuda_fork()
+        if self._start_method == "spawn":
+            _check_missing_main_guard()
+        env = self.strategy.cluster_environment
+        os.environ["MASTER_ADDR"] = env.main_address
+        os.environ["MASTER_PORT"] = str(env.main_port)
+        context = mp.get_context(self._start_method)
+        layout = self.strategy.layout
+        states = _GlobalStateSnapshot.capture() if self._start_method == "spawn" else None
+        workers = [
+            context.Process(target=_spawned_worker, args=(self.strategy, local_rank, states), daemon=False)
+            for local_rank in range(layout.devices, layout.processes_per_node)
+        ]
+        for proc in workers:
+            proc.start()
+        watcher = _ChildWatcher(self.strategy, dict(zip(range(layout.devices, layout.processes_per_node), workers)))
+        watcher.start()
+        return_queue = context.SimpleQueue()
+        process_args = [function, args, kwargs, return_queue] + ([states] if states else [])
+        grace = 0.0  # training failed: workers have no one left to serve
+        try:
+            mp.start_processes(self._wrapping_function, args=process_args, nprocs=layout.devices, start_method=self._start_method)
+            grace = self.strategy.shutdown_timeout
+        finally:
+            watcher.stop()
+            _join_or_kill(workers, grace, wait=lambda proc, t: proc.join(t))
+        return return_queue.get()
+
+    @override
+    def _wrapping_function(self, process_idx: int, function: Callable, *rest: Any) -> None:
+        super()._wrapping_function(process_idx, self.strategy.with_shutdown(function), *rest)
+
+
+def _spawned_worker(strategy: "WeightSyncStrategy", local_rank: int, states: Optional[_GlobalStateSnapshot]) -> None:
+    if states is not None:
+        states.restore()
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    code = strategy.run_worker_process()
+    if code:
+        sys.exit(code)
+
+
+class _ChildWatcher(threading.Thread):
+    """Reports this node's dead worker children to rank 0 at once; a dead trainer child ends the run (as Fabric)."""
+
+    def __init__(self, strategy: "WeightSyncStrategy", children: dict, period: float = 0.2) -> None:
+        super().__init__(name="fws-child-watcher", daemon=True)
+        self.strategy = strategy
+        self.children = children
+        self.period = period
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        reported: set[int] = set()
+        while not self._stopped.wait(self.period):
+            for local_rank, proc in self.children.items():
+                code = proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode
+                if code is None or code == 0 or local_rank in reported:
+                    continue
+                reported.add(local_rank)
+                if self.strategy.layout.is_worker(local_rank):
+                    self.strategy.report_worker_exit(local_rank, code)
+                else:
+                    self._terminate_all()
+
+    def _terminate_all(self) -> None:
+        for proc in self.children.values():
+            if proc.pid is not None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _join_or_kill(procs: list, timeout: float, wait: Callable[[Any, float], Any]) -> None:
+    for proc in procs:
+        try:
+            wait(proc, timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        if (proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode) is None:
+            proc.kill()
+            wait(proc, 5)
+
+
+def _child_command(local_rank: int) -> tuple[list, Optional[str]]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            command, cwd = _hydra_subprocess_cmd(local_rank=local_rank)
+            return list(command), cwd
+    except ImportError:
+        pass
+    return list(_basic_subprocess_cmd()), None
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel SIGKILLs it when the launching process dies."""
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

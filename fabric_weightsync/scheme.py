@@ -1,0 +1,358 @@
+"""Training rank 0's side of weight sync: one transport per worker, fed latest-wins from two staging buffers.
+
+The trainer thread only ever copies the weights into a free staging buffer and returns (:meth:`push`); it
+never touches the network or the store. One link thread per worker owns that worker's transport: it tells
+the worker an update is waiting, and only once the worker has posted its receive does it pick the newest
+staged version and send it. A busy worker therefore never holds a buffer, never delays the trainer or the
+other workers, and skips every version superseded while it was busy.
+
+Memory: two staging buffers (2x the weights) whatever the number of workers. A buffer being read by a send
+is never written; if both are being read, the push is recorded and taken at the next step (or at
+:meth:`close`), so the trainer still does not wait.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+
+from fabric_weightsync.control import ControlPlane, error_key, exit_key, heartbeat_key
+from fabric_weightsync.transport import DistributedTransport, TransportAborted, TransportError, TransportTimeout
+from fabric_weightsync.weights import VERSION_KEY, WEIGHTS_KEY, SchemaMismatchError, WeightSchema, make_wire_buffer, named_weights
+
+log = logging.getLogger(__name__)
+
+FailurePolicy = Literal["raise", "continue"]
+
+
+class WorkerFailedError(RuntimeError):
+    """An inference worker died, raised or stopped answering."""
+
+
+@dataclass
+class WorkerStatus:
+    """What training rank 0 knows about one worker."""
+
+    worker_id: int
+    delivered_version: int = -1
+    alive: bool = True
+    error: Optional[str] = None
+
+    @property
+    def rank(self) -> int:
+        return self.worker_id + 1
+
+
+class WeightSyncScheme:
+    """Delivers the newest weights of one module to every worker, never blocking the trainer.
+
+    Args:
+        control: the control plane (store) the workers joined.
+        num_workers: how many workers to serve; worker ``i`` uses store rank ``i + 1``.
+        backend: data-plane backend of the per-worker groups (``"gloo"`` or ``"nccl"``).
+        timeout: seconds for each blocking step of a transfer (connect, send, ack).
+        heartbeat_timeout: a worker whose heartbeat is older than this is declared dead.
+        on_worker_failure: ``"raise"``: the next :meth:`push` raises :class:`WorkerFailedError` naming the
+            worker; ``"continue"``: log it and keep serving the others.
+    """
+
+    def __init__(
+        self,
+        control: ControlPlane,
+        num_workers: int,
+        *,
+        backend: str = "gloo",
+        timeout: float = 60.0,
+        heartbeat_timeout: float = 10.0,
+        on_worker_failure: FailurePolicy = "raise",
+    ) -> None:
+        if on_worker_failure not in ("raise", "continue"):
+            raise ValueError(f"on_worker_failure must be 'raise' or 'continue', got {on_worker_failure!r}")
+        self.control = control
+        self.backend = backend
+        self.timeout = timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.on_worker_failure = on_worker_failure
+        self.workers = [WorkerStatus(i) for i in range(num_workers)]
+        self._module: Optional[nn.Module] = None
+        self._sources: list[torch.Tensor] = []
+        self._schema: Optional[WeightSchema] = None
+        self._buffers: list[TensorDictBase] = []
+        self._targets: list[list[torch.Tensor]] = []
+        self._pins = [0, 0]
+        self._latest: Optional[int] = None
+        self._latest_version = -1
+        self._pending_version: Optional[int] = None
+        self._cond = threading.Condition()
+        self._closing = False
+        self._links: list[_WorkerLink] = []
+        self._monitor: Optional[_HeartbeatMonitor] = None
+        self._raised: set[int] = set()
+
+    @property
+    def module(self) -> Optional[nn.Module]:
+        return self._module
+
+    @property
+    def latest_version(self) -> int:
+        return self._latest_version
+
+    # ------------------------------------------------------------------ trainer thread
+    def start(self, module: nn.Module, version: int = 0) -> None:
+        """Stage ``module``'s current weights as ``version`` and start serving every worker."""
+        if self._module is not None:
+            raise RuntimeError("WeightSyncScheme.start() was called twice")
+        self._module = module
+        named = named_weights(module)
+        self._schema = WeightSchema.of(named)
+        self._sources = [named[name] for name, _, _ in self._schema.entries]
+        self._buffers = [make_wire_buffer(named), make_wire_buffer(named)]
+        self._targets = [list(wire[WEIGHTS_KEY].values()) for wire in self._buffers]
+        self._snapshot(0, version)
+        with self._cond:
+            self._latest, self._latest_version = 0, version
+        self._monitor = _HeartbeatMonitor(self)
+        self._monitor.start()
+        self._links = [_WorkerLink(self, status) for status in self.workers]
+        for link in self._links:
+            link.start()
+
+    def push(self, version: int) -> bool:
+        """Stage the module's weights as ``version`` for every worker; returns whether it was staged now.
+
+        Costs one copy of the weights into a free staging buffer and never waits on a worker. When both
+        buffers are being read by sends, the version is remembered and staged by the next push or by
+        :meth:`close`. Raises :class:`WorkerFailedError` for a failed worker under ``on_worker_failure="raise"``.
+        """
+        self.raise_if_failed()
+        self._check_sources()
+        with self._cond:
+            free = [i for i in (0, 1) if i != self._latest and self._pins[i] == 0]
+            if not free:
+                self._pending_version = version
+                return False
+            target = free[0]
+        self._snapshot(target, version)
+        with self._cond:
+            self._latest, self._latest_version = target, version
+            self._pending_version = None
+            self._cond.notify_all()
+        return True
+
+    def note(self, version: int) -> None:
+        """Record that the module is now at ``version`` without staging it; :meth:`flush` will deliver it."""
+        if version > self._latest_version:
+            self._pending_version = version
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Stage any remembered version, then wait until every live worker has the newest one."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while self._pending_version is not None and time.monotonic() < deadline:
+            if not self.push(self._pending_version):
+                time.sleep(0.001)
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: all(not w.alive or w.delivered_version >= self._latest_version for w in self.workers),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+
+    def raise_if_failed(self) -> None:
+        if self.on_worker_failure != "raise":
+            return
+        for status in self.workers:
+            if status.error is not None and status.worker_id not in self._raised:
+                self._raised.add(status.worker_id)
+                raise WorkerFailedError(f"Inference worker {status.worker_id} failed: {status.error}")
+
+    def close(self) -> None:
+        """Stop every link and the monitor (call :meth:`flush` first for a final delivery)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for link in self._links:
+            link.abort()
+        for link in self._links:
+            link.join(timeout=self.timeout)
+        if self._monitor is not None:
+            self._monitor.stop()
+
+    # ------------------------------------------------------------------ link threads
+    def wait_for_newer(self, delivered: int) -> bool:
+        with self._cond:
+            self._cond.wait_for(lambda: self._closing or self._latest_version > delivered)
+            return not self._closing
+
+    def pin_latest(self) -> tuple[TensorDictBase, int]:
+        with self._cond:
+            index = self._latest
+            self._pins[index] += 1
+            return self._buffers[index], index
+
+    def unpin(self, index: int) -> None:
+        with self._cond:
+            self._pins[index] -= 1
+
+    def delivered(self, status: WorkerStatus, version: int) -> None:
+        with self._cond:
+            status.delivered_version = version
+            self._cond.notify_all()
+
+    def worker_failed(self, worker_id: int, reason: str, error: bool = True) -> None:
+        """Mark a worker gone (idempotent) and stop serving it; ``error`` ones count for the failure policy."""
+        status = self.workers[worker_id]
+        with self._cond:
+            if not status.alive:
+                return
+            status.alive = False
+            status.error = reason if error else None
+            self._cond.notify_all()
+        log.warning("fabric_weightsync: inference worker %d %s: %s", worker_id, "failed" if error else "left", reason)
+        self._links[worker_id].abort()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # ------------------------------------------------------------------ helpers
+    def _snapshot(self, index: int, version: int) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self._targets[index], self._sources)
+        self._buffers[index][VERSION_KEY].fill_(version)
+
+    def _check_sources(self) -> None:
+        """Detect a module whose parameters were replaced or reshaped since :meth:`start`."""
+        named = named_weights(self._module)
+        if len(named) == len(self._sources) and all(
+            named.get(name) is src and tuple(src.shape) == shape
+            for (name, shape, _), src in zip(self._schema.entries, self._sources)
+        ):
+            return
+        problem = self._schema.mismatch(WeightSchema.of(named), "workers", "trainer now")
+        if problem is None:  # same layout, new tensor objects (e.g. load_state_dict with assign=True)
+            self._sources = [named[name] for name, _, _ in self._schema.entries]
+            return
+        raise SchemaMismatchError(f"The synced module changed its parameters after the workers connected: {problem}")
+
+
+class _WorkerLink(threading.Thread):
+    """Serves one worker: connect, then deliver the newest staged version each time the worker is ready."""
+
+    def __init__(self, scheme: WeightSyncScheme, status: WorkerStatus) -> None:
+        super().__init__(name=f"fws-link-{status.worker_id}", daemon=True)
+        self.scheme = scheme
+        self.status = status
+        self.transport = DistributedTransport(
+            weights_buffer=scheme._buffers[0],
+            store=scheme.control.client(),
+            rank=status.rank,
+            backend=scheme.backend,
+            timeout=scheme.timeout,
+        )
+
+    def abort(self) -> None:
+        try:
+            self.scheme.control.client().set(f"NODE_{self.status.rank}_ready", b"abort")
+        except Exception:  # the store is gone: the link is exiting anyway
+            pass
+
+    def run(self) -> None:
+        try:
+            self._connect()
+            while self.scheme.wait_for_newer(self.status.delivered_version) and self.status.alive:
+                self._deliver()
+        except TransportAborted:
+            pass
+        except SchemaMismatchError as err:
+            self.scheme.worker_failed(self.status.worker_id, str(err))
+        except TransportError as err:
+            if self.status.alive and not self.scheme.closing:
+                self.scheme.worker_failed(self.status.worker_id, str(err))
+        finally:
+            self.transport.close()
+
+    def _connect(self) -> None:
+        while not self.transport.receiver_connected():
+            if not self.status.alive or self.scheme.closing:
+                raise TransportAborted(f"worker {self.status.worker_id} is gone")
+            time.sleep(0.05)
+        wire, index = self.scheme.pin_latest()
+        try:
+            self.transport.setup_connection_and_weights_on_sender(wire)
+        finally:
+            self.scheme.unpin(index)
+        self.scheme.delivered(self.status, int(wire[VERSION_KEY]))
+
+    def _deliver(self) -> None:
+        self.transport.instruct()
+        self._patiently(self.transport.wait_ready)
+        wire, index = self.scheme.pin_latest()
+        version = int(wire[VERSION_KEY])
+        try:
+            self.transport.post_send(wire)
+            self.transport.wait_sent()
+        finally:
+            self.scheme.unpin(index)
+        self.transport.wait_ack()
+        self.scheme.delivered(self.status, version)
+
+    def _patiently(self, wait: Callable[[], None]) -> None:
+        """Wait as long as the worker lives: a busy worker is fine, a dead one is the monitor's to declare."""
+        while True:
+            try:
+                return wait()
+            except TransportTimeout:
+                if not self.status.alive or self.scheme.closing:
+                    raise TransportAborted(f"worker {self.status.worker_id} is gone") from None
+
+
+class _HeartbeatMonitor(threading.Thread):
+    """Declares a worker dead when it reports an error, exits, or its heartbeat stops advancing."""
+
+    def __init__(self, scheme: WeightSyncScheme, interval: float = 0.25) -> None:
+        super().__init__(name="fws-heartbeat-monitor", daemon=True)
+        self.scheme = scheme
+        self.interval = interval
+        self._stopped = threading.Event()
+        self._store = scheme.control.client()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        last_beat: dict[int, tuple[int, float]] = {}
+        while not self._stopped.wait(self.interval):
+            now = time.monotonic()
+            for status in self.scheme.workers:
+                if not status.alive:
+                    continue
+                try:
+                    reason = self._check(status, last_beat, now)
+                except Exception:  # store shutting down with the trainer
+                    return
+                if reason:
+                    self.scheme.worker_failed(status.worker_id, reason)
+
+    def _check(self, status: WorkerStatus, last_beat: dict[int, tuple[int, float]], now: float) -> Optional[str]:
+        store = self._store
+        if store.check([error_key(status.rank)]):
+            return "it raised:\n" + store.get(error_key(status.rank)).decode(errors="replace")
+        if store.check([exit_key(status.rank)]):
+            code = store.get(exit_key(status.rank)).decode()
+            if code == "0":
+                self.scheme.worker_failed(status.worker_id, "worker_fn returned before training ended", error=False)
+                return None
+            return f"its process exited with code {code}"
+        beat = store.add(heartbeat_key(status.rank), 0)
+        previous = last_beat.get(status.worker_id)
+        if previous is None or beat != previous[0]:
+            last_beat[status.worker_id] = (beat, now)
+            return None
+        if beat > 0 and now - previous[1] > self.scheme.heartbeat_timeout:
+            return f"no heartbeat for {now - previous[1]:.1f}s (process killed or hung)"
+        return None

@@ -1,0 +1,273 @@
+"""``WeightSyncStrategy``: DDP over the training processes, plus inference workers launched next to them."""
+
+import atexit
+import functools
+import importlib
+import os
+import sys
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from fabric_weightsync.control import ControlPlane, exit_key
+from fabric_weightsync.environment import ProcessLayout, TrainingWorldEnvironment
+from fabric_weightsync.launchers import WeightSyncScriptLauncher, WeightSyncSpawnLauncher
+from fabric_weightsync.scheme import FailurePolicy, WeightSyncScheme
+from fabric_weightsync.transport import DEFAULT_TIMEOUT
+from fabric_weightsync.worker import WorkerContext, run_worker
+
+WorkerFn = Callable[[WorkerContext], Any]
+
+WORKER_FN_ENV = "FABRIC_WEIGHTSYNC_WORKER_FN"
+WORKERS_ENV = "FABRIC_WEIGHTSYNC_INFERENCE_WORKERS"
+
+
+class WeightSyncStrategy(DDPStrategy):
+    """DDP over Fabric's ``devices`` training processes, plus ``inference_workers`` worker processes per node.
+
+    Each worker runs ``worker_fn(ctx)`` with a :class:`~fabric_weightsync.worker.WorkerContext`; it never runs
+    the code after ``fabric.launch()``. Training processes form a DDP world of their own: ``fabric.world_size``,
+    gradient averaging, ``barrier``/``all_reduce`` and samplers behave as in plain DDP while workers are alive.
+    Training rank 0 hosts the control store and a :class:`~fabric_weightsync.scheme.WeightSyncScheme` that
+    serves the first module given to ``fabric.setup`` (or the one passed to :meth:`sync_module`).
+
+    Launch modes: ``python train.py`` with ``fabric.launch()`` (``start_method="popen"``, the default),
+    ``fabric.launch(fn)`` with ``start_method="spawn" | "fork" | "forkserver"``, ``torchrun
+    --nproc-per-node=devices+inference_workers`` and SLURM ``--ntasks-per-node=devices+inference_workers``.
+    On each node, local ranks ``0..devices-1`` train and the rest are workers.
+
+    Registered in Fabric's strategy registry as ``"ddp_weightsync"`` (and ``"ddp_weightsync_spawn"``); those
+    names read the worker function from ``FABRIC_WEIGHTSYNC_WORKER_FN`` (``"package.module:function"``) and
+    the count from ``FABRIC_WEIGHTSYNC_INFERENCE_WORKERS``.
+
+    Args:
+        worker_fn: what each worker runs; a ``"module:function"`` string is imported. Must be picklable
+            (module level) with ``start_method="spawn"``.
+        inference_workers: worker processes per node.
+        backend: data plane of the per-worker groups: ``"gloo"`` (default; CPU tensors, any host) or ``"nccl"``.
+        worker_device: device of the workers' policies (``ctx.device``); ``"cuda"`` gives worker ``i`` of a node
+            GPU ``(devices + i) % torch.cuda.device_count()``.
+        sync_timeout: seconds for each blocking step of a weight transfer and of connecting (default 60).
+        heartbeat_timeout: seconds without a heartbeat before a worker is declared dead (default 10).
+        on_worker_failure: ``"raise"`` (default) fails training at the next push, naming the worker;
+            ``"continue"`` logs it and keeps training with the survivors.
+        shutdown_timeout: seconds training rank 0 waits for the final delivery and for workers to exit.
+        **ddp_kwargs: everything :class:`~lightning.fabric.strategies.DDPStrategy` accepts.
+    """
+
+    def __init__(
+        self,
+        worker_fn: Union[WorkerFn, str, None] = None,
+        inference_workers: Optional[int] = None,
+        *,
+        backend: Literal["gloo", "nccl"] = "gloo",
+        worker_device: Union[str, torch.device] = "cpu",
+        sync_timeout: float = DEFAULT_TIMEOUT,
+        heartbeat_timeout: float = 10.0,
+        on_worker_failure: FailurePolicy = "raise",
+        shutdown_timeout: float = 60.0,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **ddp_kwargs: Any,
+    ) -> None:
+        super().__init__(start_method=start_method, **ddp_kwargs)
+        worker_fn = worker_fn if worker_fn is not None else os.environ.get(WORKER_FN_ENV)
+        if worker_fn is None:
+            raise ValueError(f"WeightSyncStrategy needs a worker_fn (or {WORKER_FN_ENV}='package.module:function')")
+        if inference_workers is None:
+            inference_workers = int(os.environ.get(WORKERS_ENV, "1"))
+        if inference_workers < 1:
+            raise ValueError(f"inference_workers must be at least 1, got {inference_workers}")
+        self.worker_fn = _import_worker_fn(worker_fn) if isinstance(worker_fn, str) else worker_fn
+        self.inference_workers = inference_workers
+        self.backend = backend
+        self.worker_device = torch.device(worker_device)
+        self.sync_timeout = sync_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.on_worker_failure = on_worker_failure
+        self.shutdown_timeout = shutdown_timeout
+        self._control: Optional[ControlPlane] = None
+        self._scheme: Optional[WeightSyncScheme] = None
+        self._shut_down = False
+
+    @property
+    def layout(self) -> ProcessLayout:
+        return ProcessLayout(self.num_processes, self.inference_workers, self.num_nodes)
+
+    @property
+    def scheme(self) -> Optional[WeightSyncScheme]:
+        """The sender side on training rank 0 (``None`` on other ranks and before ``fabric.setup``)."""
+        return self._scheme
+
+    # ------------------------------------------------------------------ launching
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not isinstance(self.cluster_environment, TrainingWorldEnvironment):
+            self.cluster_environment = TrainingWorldEnvironment(self.cluster_environment, self.layout)
+        if self._start_method == "popen":
+            self._launcher = WeightSyncScriptLauncher(self)
+        else:
+            self._launcher = WeightSyncSpawnLauncher(self, self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.global_rank == 0:
+            self._control = ControlPlane.serve(self._main_address(), self.cluster_environment.main_port, self.sync_timeout)
+            self._scheme = WeightSyncScheme(
+                self._control,
+                self.layout.num_workers,
+                backend=self.backend,
+                timeout=self.sync_timeout,
+                heartbeat_timeout=self.heartbeat_timeout,
+                on_worker_failure=self.on_worker_failure,
+            )
+            _CrashFlag.install()
+            atexit.register(self.shutdown)
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        wrapped = super().setup_module(module)
+        if self._scheme is not None and self._scheme.module is None:
+            self._scheme.start(module)
+        return wrapped
+
+    def sync_module(self, module: nn.Module) -> None:
+        """Serve ``module`` instead of the first module set up (call before the workers connect)."""
+        if self._scheme is not None and self._scheme.module is not module:
+            if self._scheme.module is not None:
+                raise RuntimeError("sync_module() must be called before the first fabric.setup() of a module")
+            self._scheme.start(module)
+
+    # ------------------------------------------------------------------ workers
+    def run_worker_process(self) -> int:
+        """Body of a worker process: join the control plane, run ``worker_fn``; returns the exit code."""
+        env = self.cluster_environment
+        layout = self.layout
+        local_rank, node_rank = env.local_rank(), env.node_rank()
+        worker_id = layout.worker_id(node_rank, local_rank)
+        try:
+            context = WorkerContext(
+                worker_id=worker_id,
+                num_workers=layout.num_workers,
+                global_rank=layout.launch_rank(node_rank, local_rank),
+                local_rank=local_rank,
+                node_rank=node_rank,
+                device=self._worker_device(local_rank - layout.devices),
+                control=ControlPlane.join(self._main_address(), env.main_port, self.sync_timeout),
+                backend=self.backend,
+                timeout=self.sync_timeout,
+            )
+            run_worker(self.worker_fn, context)
+        except BaseException:
+            print(f"[fabric_weightsync] inference worker {worker_id} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+    def report_worker_exit(self, local_rank: int, code: int) -> None:
+        """A launcher saw a worker process of this node die: tell rank 0's monitor at once."""
+        worker_id = self.layout.worker_id(self.cluster_environment.node_rank(), local_rank)
+        try:
+            control = self._control or ControlPlane.join(self._main_address(), self.cluster_environment.main_port, 5.0)
+            control.client().set(exit_key(worker_id + 1), str(code).encode())
+        except Exception:  # training rank 0 is gone too; nothing to tell
+            pass
+
+    # ------------------------------------------------------------------ shutdown
+    def with_shutdown(self, function: Callable) -> Callable:
+        """``function`` followed by :meth:`shutdown` (spawn mode: the training function's end is training's end)."""
+
+        @functools.wraps(function)
+        def train_then_shut_down(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except BaseException:
+                _CrashFlag.crashed = True
+                raise
+            finally:
+                self.shutdown()
+
+        return train_then_shut_down
+
+    def shutdown(self) -> None:
+        """End of training on rank 0: deliver the last version to every live worker, stop them, wait for them.
+
+        Runs once, at the end of the training function (spawn) or at interpreter exit (script, torchrun, SLURM).
+        After a crash of the training code the final delivery is skipped and workers are stopped at once.
+        """
+        if self._shut_down:
+            return
+        self._shut_down = True
+        scheme, control = self._scheme, self._control
+        if scheme is not None and control is not None:
+            if scheme.module is not None and not _CrashFlag.crashed:
+                if not scheme.flush(self.shutdown_timeout):
+                    rank_zero_info("fabric_weightsync: some workers did not take the final version in time")
+            scheme.close()
+            control.request_stop()
+            _wait_for_exits(control, scheme, self.shutdown_timeout)
+        if isinstance(self._launcher, WeightSyncScriptLauncher):
+            self._launcher.join_workers(self.shutdown_timeout)
+
+    # ------------------------------------------------------------------ helpers
+    def _main_address(self) -> str:
+        return self.cluster_environment.main_address
+
+    def _worker_device(self, index: int) -> torch.device:
+        if self.worker_device.type == "cuda" and self.worker_device.index is None:
+            return torch.device("cuda", (self.num_processes + index) % max(1, torch.cuda.device_count()))
+        return self.worker_device
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, start_method in (("ddp_weightsync", "popen"), ("ddp_weightsync_spawn", "spawn")):
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"DDP plus inference workers with weight sync, start_method={start_method!r}",
+                start_method=start_method,
+            )
+
+
+class _CrashFlag:
+    """Remembers that the training code raised, so shutdown skips the final delivery."""
+
+    crashed = False
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        cls._installed = True
+        previous = sys.excepthook
+
+        def hook(*exc_info: Any) -> None:
+            cls.crashed = True
+            previous(*exc_info)
+
+        sys.excepthook = hook
+
+
+def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float) -> None:
+    keys = [exit_key(status.rank) for status in scheme.workers if status.alive]
+    if keys:
+        try:
+            control.client().wait(keys, timedelta(seconds=timeout))
+        except Exception:
+            rank_zero_info("fabric_weightsync: some workers did not exit in time after the stop request")
+
+
+def _import_worker_fn(path: str) -> WorkerFn:
+    module, _, name = path.partition(":")
+    if not name:
+        raise ValueError(f"worker_fn {path!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module), name)

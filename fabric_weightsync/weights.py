@@ -1,0 +1,165 @@
+"""How weights are taken from a module, laid out for the wire, checked and applied.
+
+Both ends build the same *wire buffer* from their own module: one consolidated ``TensorDict`` (a single
+storage) holding every parameter and buffer under its flat name, in sorted order, plus the version of the
+update. Two modules with the same :class:`WeightSchema` therefore have byte-identical layouts, so an update
+travels as one message and lands with one copy.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+VERSION_KEY = "version"
+WEIGHTS_KEY = "weights"
+
+
+class SchemaMismatchError(RuntimeError):
+    """The trainer's and a worker's weights differ in names, shapes or dtypes."""
+
+
+def named_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of ``module`` by flat name, as ``state_dict`` names them (without wrappers)."""
+    module = unwrap(module)
+    named = dict(module.named_parameters())
+    named.update((name, buf) for name, buf in module.named_buffers() if buf is not None)
+    return named
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The user's module under Fabric's and DDP's wrappers, so names match the worker's plain policy."""
+    while True:
+        inner = getattr(module, "_forward_module", None) or getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+@dataclass(frozen=True)
+class WeightSchema:
+    """Names, shapes and dtypes of a set of weights, compared before any byte of weights moves."""
+
+    entries: tuple[tuple[str, tuple[int, ...], str], ...]
+
+    @classmethod
+    def of(cls, weights: Union[nn.Module, TensorDictBase, dict[str, torch.Tensor]]) -> "WeightSchema":
+        if isinstance(weights, nn.Module):
+            weights = named_weights(weights)
+        elif isinstance(weights, TensorDictBase):
+            weights = dict(weights.flatten_keys(".").items())
+        return cls(tuple((name, tuple(t.shape), str(t.dtype)) for name, t in sorted(weights.items())))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            torch.Size(shape).numel() * torch.empty((), dtype=_dtype(dtype)).element_size()
+            for _, shape, dtype in self.entries
+        )
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps([[name, list(shape), dtype] for name, shape, dtype in self.entries])
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes]) -> "WeightSchema":
+        return cls(tuple((name, tuple(shape), dtype) for name, shape, dtype in json.loads(text)))
+
+    def mismatch(self, other: "WeightSchema", mine: str = "trainer", theirs: str = "worker") -> Optional[str]:
+        """A message naming every differing key with both shapes and dtypes, or ``None`` when they match."""
+        if self.digest() == other.digest():
+            return None
+        a = {name: (shape, dtype) for name, shape, dtype in self.entries}
+        b = {name: (shape, dtype) for name, shape, dtype in other.entries}
+        problems = [f"key {name!r} only on the {mine}: shape {list(a[name][0])}, {a[name][1]}" for name in a.keys() - b.keys()]
+        problems += [f"key {name!r} only on the {theirs}: shape {list(b[name][0])}, {b[name][1]}" for name in b.keys() - a.keys()]
+        problems += [
+            f"key {name!r}: {mine} has shape {list(a[name][0])}, {a[name][1]} but {theirs} has shape"
+            f" {list(b[name][0])}, {b[name][1]}"
+            for name in sorted(a.keys() & b.keys())
+            if a[name] != b[name]
+        ]
+        return "; ".join(sorted(problems))
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def make_wire_buffer(
+    weights: Union[nn.Module, TensorDictBase, dict[str, torch.Tensor]], device: Optional[torch.device] = None
+) -> TensorDict:
+    """A consolidated ``{weights: {flat_name: tensor}, version: int64}`` holding a copy of ``weights``."""
+    if isinstance(weights, nn.Module):
+        weights = named_weights(weights)
+    elif isinstance(weights, TensorDictBase):
+        weights = dict(weights.flatten_keys(".").items())
+    flat = TensorDict({name: weights[name].detach() for name in sorted(weights)}, device=device)
+    version = torch.zeros((), dtype=torch.int64, device=device)
+    return TensorDict({WEIGHTS_KEY: flat, VERSION_KEY: version}, device=device).consolidate(metadata=True)
+
+
+def wire_storage(wire: TensorDictBase) -> torch.Tensor:
+    """The single flat byte tensor behind a consolidated wire buffer: the one message of an update."""
+    return wire._consolidated["storage"]
+
+
+class WeightStrategy:
+    """Extracts weights from a model and applies them to one, as TorchRL's ``WeightStrategy`` does.
+
+    Args:
+        extract_as: ``"tensordict"`` returns ``TensorDict.from_module(model)`` (leaves are the live
+            parameters), ``"state_dict"`` returns ``model.state_dict()``.
+    """
+
+    def __init__(self, extract_as: Literal["tensordict", "state_dict"] = "tensordict") -> None:
+        if extract_as not in ("tensordict", "state_dict"):
+            raise ValueError(f"extract_as must be 'tensordict' or 'state_dict', got {extract_as!r}")
+        self.extract_as = extract_as
+
+    def extract_weights(self, model: Any) -> Union[TensorDictBase, dict[str, torch.Tensor]]:
+        if isinstance(model, TensorDictBase):
+            return model if self.extract_as == "tensordict" else dict(model.flatten_keys(".").items())
+        model = unwrap(model)
+        if self.extract_as == "tensordict":
+            return TensorDict.from_module(model)
+        return model.state_dict()
+
+    def apply_weights(
+        self, destination: Any, weights: Union[TensorDictBase, dict[str, torch.Tensor]], inplace: bool = True
+    ) -> None:
+        """Writes ``weights`` into ``destination`` (a module or a ``TensorDict``).
+
+        Accepts nested or flat (``"layer.weight"``) keys and the wire buffer itself. With ``inplace=True`` the
+        values are copied into the existing tensors, all or nothing: every name and shape is checked before
+        the first copy. With ``inplace=False`` the module's tensors are replaced by those of ``weights``.
+        """
+        flat = _flat_weights(weights)
+        if isinstance(destination, TensorDictBase):
+            targets = dict(destination.flatten_keys(".").items())
+        else:
+            destination = unwrap(destination)
+            targets = named_weights(destination)
+        problem = WeightSchema.of(targets).mismatch(WeightSchema.of(flat), "destination", "weights")
+        if problem:
+            raise SchemaMismatchError(f"Cannot apply weights: {problem}")
+        if inplace or isinstance(destination, TensorDictBase):
+            names = sorted(targets)
+            with torch.no_grad():
+                torch._foreach_copy_([targets[n] for n in names], [flat[n] for n in names])
+        else:
+            TensorDict(flat).unflatten_keys(".").to_module(destination)
+
+
+def _flat_weights(weights: Union[TensorDictBase, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if isinstance(weights, TensorDictBase):
+        if WEIGHTS_KEY in weights.keys() and VERSION_KEY in weights.keys():
+            weights = weights[WEIGHTS_KEY]
+        return dict(weights.flatten_keys(".").items())
+    return dict(weights)

@@ -1,0 +1,178 @@
+"""The inference-worker side: what ``worker_fn`` receives, the collector-side callback, and the process body."""
+
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fabric_weightsync.control import ControlPlane, STOP_KEY, error_key, exit_key, heartbeat_key
+from fabric_weightsync.transport import DistributedTransport
+from fabric_weightsync.weights import WeightStrategy
+
+HEARTBEAT_INTERVAL = 0.5
+"""Seconds between a worker's heartbeats."""
+
+TRAINER_LOST_TIMEOUT = 10.0
+"""Seconds of failed store calls after which a worker decides training rank 0 is gone and exits."""
+
+EXIT_TRAINER_LOST = 75
+"""Exit code of a worker that lost training rank 0."""
+
+
+class WeightReceiver:
+    """The collector-side callback: applies the trainer's newest weights to the local policy between rollouts.
+
+    ``poll()`` costs one store round trip when nothing is pending. Updates are applied in the calling thread,
+    all at once, only after they fully arrived: code that runs the policy in the same thread never sees it
+    half-updated. ``version`` is the trainer's optimizer-step count of the applied weights and only grows.
+    """
+
+    def __init__(self, transport: DistributedTransport, policy: nn.Module, strategy: WeightStrategy, context: "WorkerContext") -> None:
+        self._transport = transport
+        self._policy = policy
+        self._strategy = strategy
+        self._context = context
+
+    @property
+    def version(self) -> int:
+        return self._transport.version
+
+    def poll(self) -> bool:
+        """Apply a pending update if there is one, without waiting; returns whether one was applied."""
+        return self._transport.receive_weights(0.0, model=self._policy, strategy=self._strategy) is not None
+
+    def wait_for_update(self, timeout: float) -> bool:
+        """Block until a newer version is applied (``True``), or ``timeout`` passes or training stops (``False``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._context.stop_requested:
+                return False
+            step = min(remaining, 0.1)
+            if self._transport.receive_weights(step, model=self._policy, strategy=self._strategy) is not None:
+                return True
+
+
+@dataclass
+class WorkerContext:
+    """What ``worker_fn`` receives: who this worker is, how to connect its policy, and when to stop.
+
+    Attributes:
+        worker_id: ``0 .. num_workers - 1`` over all nodes.
+        num_workers: inference workers in the whole run.
+        global_rank: this process's rank among all launched processes (trainers and workers).
+        local_rank: its rank on this node.
+        node_rank: its node.
+        device: where the policy should live (``cpu`` unless the strategy gives workers devices).
+    """
+
+    worker_id: int
+    num_workers: int
+    global_rank: int
+    local_rank: int
+    node_rank: int
+    device: torch.device
+    control: ControlPlane
+    backend: str = "gloo"
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        self._stop = False
+        self._receiver: Optional[WeightReceiver] = None
+
+    @property
+    def rank(self) -> int:
+        """This worker's transport rank (1-indexed, as in TorchRL)."""
+        return self.worker_id + 1
+
+    def connect(self, policy: nn.Module, *, strategy: Optional[WeightStrategy] = None) -> WeightReceiver:
+        """Join this worker's transport and receive the initial weights: the policy then equals the trainer's.
+
+        Raises :class:`~fabric_weightsync.weights.SchemaMismatchError` naming the differing keys when the
+        policy's names, shapes or dtypes differ from the trainer's module.
+        """
+        if self._receiver is not None:
+            raise RuntimeError(f"Worker {self.worker_id} is already connected")
+        strategy = strategy or WeightStrategy()
+        transport = DistributedTransport(
+            weights_buffer=policy, store=self.control.client(), rank=self.rank, backend=self.backend, timeout=self.timeout
+        )
+        transport.setup_connection_and_weights_on_receiver(worker_idx=self.worker_id, model=policy, strategy=strategy)
+        self._receiver = WeightReceiver(transport, policy, strategy, self)
+        return self._receiver
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once training has ended (the trainer delivered the final version first) or was lost."""
+        if not self._stop:
+            try:
+                self._stop = self.control.store.check([STOP_KEY])
+            except RuntimeError:  # the store died with training rank 0
+                self._stop = True
+        return self._stop
+
+    def request_local_stop(self) -> None:
+        self._stop = True
+
+
+class _Heartbeat(threading.Thread):
+    """Beats for the trainer's monitor, and ends this process if training rank 0 is gone for good."""
+
+    def __init__(self, context: WorkerContext) -> None:
+        super().__init__(name="fws-heartbeat", daemon=True)
+        self.context = context
+        self._store = context.control.client()
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        failing_since: Optional[float] = None
+        key = heartbeat_key(self.context.rank)
+        while not self._stopped.wait(HEARTBEAT_INTERVAL):
+            try:
+                self._store.add(key, 1)
+                failing_since = None
+            except Exception:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                self.context.request_local_stop()
+                if now - failing_since > TRAINER_LOST_TIMEOUT:
+                    print(
+                        f"[fabric_weightsync] worker {self.context.worker_id}: training rank 0 unreachable for"
+                        f" {TRAINER_LOST_TIMEOUT:.0f}s, exiting",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    os._exit(EXIT_TRAINER_LOST)
+
+
+def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerContext) -> None:
+    """Run ``worker_fn`` with heartbeats; report an exception to the trainer (then re-raise it) and the exit."""
+    heartbeat = _Heartbeat(context)
+    heartbeat.start()
+    store = context.control.store
+    code = "1"
+    try:
+        worker_fn(context)
+        code = "0"
+    except BaseException:
+        _report(store, error_key(context.rank), traceback.format_exc())
+        raise
+    finally:
+        heartbeat.stop()
+        _report(store, exit_key(context.rank), code)
+
+
+def _report(store, key: str, value: str) -> None:
+    try:
+        store.set(key, value.encode())
+    except Exception:  # the trainer is gone: nobody to tell
+        pass
