@@ -41,6 +41,7 @@ class WeightSyncCallback:
         if optimizer is not self._trigger:
             return
         self.step += 1
+        strategy.policy_version = self.step
         scheme = strategy.scheme
         if scheme is None or scheme.module is None:
             return

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 import torch
 from lightning.fabric.strategies import DDPStrategy
@@ -22,6 +22,9 @@ from fabric_weightsync.launchers import WeightSyncScriptLauncher, WeightSyncSpaw
 from fabric_weightsync.scheme import FailurePolicy, WeightSyncScheme
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
 from fabric_weightsync.worker import WorkerContext, run_worker
+
+if TYPE_CHECKING:
+    from fabric_weightsync.experience import ExperienceStream
 
 WorkerFn = Callable[[WorkerContext], Any]
 
@@ -94,7 +97,10 @@ class WeightSyncStrategy(DDPStrategy):
         self.shutdown_timeout = shutdown_timeout
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
+        self._experience: Optional["ExperienceStream"] = None
         self._shut_down = False
+        self.policy_version = 0
+        """Optimizer steps taken so far on this training rank (kept by :class:`WeightSyncCallback`)."""
 
     @property
     def layout(self) -> ProcessLayout:
@@ -146,6 +152,23 @@ class WeightSyncStrategy(DDPStrategy):
                 raise RuntimeError("sync_module() must be called before the first fabric.setup() of a module")
             self._scheme.start(module)
 
+    def experience(self, **kwargs: Any) -> "ExperienceStream":
+        """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).
+
+        Created on first call with ``kwargs``; later calls return the same stream.
+        """
+        from fabric_weightsync.experience import ExperienceStream
+
+        if self._experience is None:
+            self._experience = ExperienceStream(self, **kwargs)
+        return self._experience
+
+    def control_plane(self) -> ControlPlane:
+        """The control plane: hosted on training rank 0, joined on demand by every other process."""
+        if self._control is None:
+            self._control = ControlPlane.join(self._main_address(), self.cluster_environment.main_port, self.sync_timeout)
+        return self._control
+
     # ------------------------------------------------------------------ workers
     def run_worker_process(self) -> int:
         """Body of a worker process: join the control plane, run ``worker_fn``; returns the exit code."""
@@ -164,6 +187,7 @@ class WeightSyncStrategy(DDPStrategy):
                 control=ControlPlane.join(self._main_address(), env.main_port, self.sync_timeout),
                 backend=self.backend,
                 timeout=self.sync_timeout,
+                num_training_ranks=layout.devices * layout.num_nodes,
             )
             run_worker(self.worker_fn, context)
         except BaseException:
@@ -175,8 +199,7 @@ class WeightSyncStrategy(DDPStrategy):
         """A launcher saw a worker process of this node die: tell rank 0's monitor at once."""
         worker_id = self.layout.worker_id(self.cluster_environment.node_rank(), local_rank)
         try:
-            control = self._control or ControlPlane.join(self._main_address(), self.cluster_environment.main_port, 5.0)
-            control.client().set(exit_key(worker_id + 1), str(code).encode())
+            self.control_plane().client().set(exit_key(worker_id + 1), str(code).encode())
         except Exception:  # training rank 0 is gone too; nothing to tell
             pass
 

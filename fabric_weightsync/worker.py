@@ -6,7 +6,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -14,6 +14,11 @@ from torch import nn
 from fabric_weightsync.control import ControlPlane, STOP_KEY, error_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport
 from fabric_weightsync.weights import WeightStrategy
+
+if TYPE_CHECKING:
+    from tensordict import TensorDictBase
+
+    from fabric_weightsync.experience import ExperienceSender
 
 HEARTBEAT_INTERVAL = 0.5
 """Seconds between a worker's heartbeats."""
@@ -79,12 +84,14 @@ class WorkerContext:
     node_rank: int
     device: torch.device
     control: ControlPlane
+    num_training_ranks: int = 1
     backend: str = "gloo"
     timeout: float = 60.0
 
     def __post_init__(self) -> None:
         self._stop = False
         self._receiver: Optional[WeightReceiver] = None
+        self._sender: Optional["ExperienceSender"] = None
 
     @property
     def rank(self) -> int:
@@ -106,6 +113,21 @@ class WorkerContext:
         transport.setup_connection_and_weights_on_receiver(worker_idx=self.worker_id, model=policy, strategy=strategy)
         self._receiver = WeightReceiver(transport, policy, strategy, self)
         return self._receiver
+
+    def send(self, batch: "TensorDictBase", *, version: Optional[int] = None, timeout: Optional[float] = None) -> None:
+        """Send a batch of experience to this worker's training rank (``worker_id % num_training_ranks``).
+
+        ``version`` defaults to the version of the policy applied now (``connect`` must have been called).
+        """
+        from fabric_weightsync.experience import ExperienceSender
+
+        if self._sender is None:
+            self._sender = ExperienceSender(self)
+        if version is None:
+            if self._receiver is None:
+                raise RuntimeError("ctx.send() needs the policy version: call ctx.connect(policy) first or pass version=")
+            version = self._receiver.version
+        self._sender.send(batch, version=version, timeout=self.timeout if timeout is None else timeout)
 
     @property
     def stop_requested(self) -> bool:
