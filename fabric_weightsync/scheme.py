@@ -21,6 +21,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
+from fabric_weightsync.channels import SharedWireBuffer, new_run_id
 from fabric_weightsync.control import ControlPlane, error_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport, TransportAborted, TransportError, TransportTimeout
 from fabric_weightsync.weights import VERSION_KEY, WEIGHTS_KEY, SchemaMismatchError, WeightSchema, make_wire_buffer, named_weights
@@ -54,7 +55,8 @@ class WeightSyncScheme:
     Args:
         control: the control plane (store) the workers joined.
         num_workers: how many workers to serve; worker ``i`` uses store rank ``i + 1``.
-        backend: data-plane backend of the per-worker groups (``"gloo"`` or ``"nccl"``).
+        transport: data plane per worker: ``"auto"`` (shared memory for workers on this host, gloo for the
+            others), ``"shm"``, ``"gloo"`` or ``"nccl"`` (process groups only).
         timeout: seconds for each blocking step of a transfer (connect, send, ack).
         heartbeat_timeout: a worker whose heartbeat is older than this is declared dead.
         on_worker_failure: ``"raise"``: the next :meth:`push` raises :class:`WorkerFailedError` naming the
@@ -66,15 +68,17 @@ class WeightSyncScheme:
         control: ControlPlane,
         num_workers: int,
         *,
-        backend: str = "gloo",
+        transport: str = "auto",
         timeout: float = 60.0,
         heartbeat_timeout: float = 10.0,
         on_worker_failure: FailurePolicy = "raise",
     ) -> None:
         if on_worker_failure not in ("raise", "continue"):
             raise ValueError(f"on_worker_failure must be 'raise' or 'continue', got {on_worker_failure!r}")
+        if transport not in ("auto", "shm", "gloo", "nccl"):
+            raise ValueError(f"transport must be 'auto', 'shm', 'gloo' or 'nccl', got {transport!r}")
         self.control = control
-        self.backend = backend
+        self.transport = transport
         self.timeout = timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.on_worker_failure = on_worker_failure
@@ -111,7 +115,12 @@ class WeightSyncScheme:
         named = named_weights(module)
         self._schema = WeightSchema.of(named)
         self._sources = [named[name] for name, _, _ in self._schema.entries]
-        self._buffers = [make_wire_buffer(named), make_wire_buffer(named)]
+        template = make_wire_buffer(named)
+        if self.transport in ("auto", "shm"):  # shm-backed staging costs no extra memory and serves both planes
+            run_id = new_run_id()
+            self._buffers = [SharedWireBuffer.create(template, run_id, i) for i in (0, 1)]
+        else:
+            self._buffers = [template, make_wire_buffer(named)]
         self._targets = [list(wire[WEIGHTS_KEY].values()) for wire in self._buffers]
         self._snapshot(0, version)
         with self._cond:
@@ -180,6 +189,8 @@ class WeightSyncScheme:
             link.join(timeout=self.timeout)
         if self._monitor is not None:
             self._monitor.stop()
+        for wire in self._buffers:
+            SharedWireBuffer.unlink(wire)
 
     # ------------------------------------------------------------------ link threads
     def wait_for_newer(self, delivered: int) -> bool:
@@ -250,7 +261,8 @@ class _WorkerLink(threading.Thread):
             weights_buffer=scheme._buffers[0],
             store=scheme.control.client(),
             rank=status.rank,
-            backend=scheme.backend,
+            backend="nccl" if scheme.transport == "nccl" else "gloo",
+            channel={"auto": "auto", "shm": "shm"}.get(scheme.transport, "group"),
             timeout=scheme.timeout,
         )
 

@@ -54,7 +54,9 @@ class WeightSyncStrategy(DDPStrategy):
         worker_fn: what each worker runs; a ``"module:function"`` string is imported. Must be picklable
             (module level) with ``start_method="spawn"``.
         inference_workers: worker processes per node.
-        backend: data plane of the per-worker groups: ``"gloo"`` (default; CPU tensors, any host) or ``"nccl"``.
+        transport: data plane of the weights: ``"auto"`` (default: shared memory for workers on training rank 0's
+            host, gloo for the others), ``"shm"``, ``"gloo"`` (forced, any host) or ``"nccl"`` (CUDA, one GPU
+            per process).
         worker_device: device of the workers' policies (``ctx.device``); ``"cuda"`` gives worker ``i`` of a node
             GPU ``(devices + i) % torch.cuda.device_count()``.
         sync_timeout: seconds for each blocking step of a weight transfer and of connecting (default 60).
@@ -70,7 +72,7 @@ class WeightSyncStrategy(DDPStrategy):
         worker_fn: Union[WorkerFn, str, None] = None,
         inference_workers: Optional[int] = None,
         *,
-        backend: Literal["gloo", "nccl"] = "gloo",
+        transport: Literal["auto", "shm", "gloo", "nccl"] = "auto",
         worker_device: Union[str, torch.device] = "cpu",
         sync_timeout: float = DEFAULT_TIMEOUT,
         heartbeat_timeout: float = 10.0,
@@ -89,7 +91,7 @@ class WeightSyncStrategy(DDPStrategy):
             raise ValueError(f"inference_workers must be at least 1, got {inference_workers}")
         self.worker_fn = _import_worker_fn(worker_fn) if isinstance(worker_fn, str) else worker_fn
         self.inference_workers = inference_workers
-        self.backend = backend
+        self.transport = transport
         self.worker_device = torch.device(worker_device)
         self.sync_timeout = sync_timeout
         self.heartbeat_timeout = heartbeat_timeout
@@ -130,7 +132,7 @@ class WeightSyncStrategy(DDPStrategy):
             self._scheme = WeightSyncScheme(
                 self._control,
                 self.layout.num_workers,
-                backend=self.backend,
+                transport=self.transport,
                 timeout=self.sync_timeout,
                 heartbeat_timeout=self.heartbeat_timeout,
                 on_worker_failure=self.on_worker_failure,
@@ -185,7 +187,7 @@ class WeightSyncStrategy(DDPStrategy):
                 node_rank=node_rank,
                 device=self._worker_device(local_rank - layout.devices),
                 control=ControlPlane.join(self._main_address(), env.main_port, self.sync_timeout),
-                backend=self.backend,
+                backend="nccl" if self.transport == "nccl" else "gloo",
                 timeout=self.sync_timeout,
                 num_training_ranks=layout.devices * layout.num_nodes,
             )

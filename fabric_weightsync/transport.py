@@ -1,4 +1,4 @@
-"""The per-worker weight transport: torch.distributed send/recv on a two-rank group, a TCPStore as control plane.
+"""The per-worker weight transport: a TCPStore as control plane, one message per update on the data plane.
 
 It keeps the public API and store keys of TorchRL's ``torchrl.weight_update.DistributedTransport`` and changes
 what a user would want changed:
@@ -8,23 +8,34 @@ what a user would want changed:
 - versioned: the version rides inside that message, so data and version can never disagree;
 - the receiver asks before the sender sends (``NODE_{rank}_ready``), so the sender decides *what* to send
   only once the worker is ready to take it: a busy worker never pins a stale buffer (latest version wins);
-- a schema check (names, shapes, dtypes) before any byte of weights moves;
+- a schema check (names, shapes, dtypes) before any byte of weights moves, and the choice of data plane:
+  shared memory for a worker on the sender's host (``channel="auto"``), a process group otherwise;
 - every blocking call has a timeout, and a failed transfer is never applied.
 
 Store keys for the worker of rank ``r`` (1-indexed, the trainer is rank 0 of the pair):
 ``NODE_{r}_in`` = ``update_weights`` (instruction), ``NODE_{r}_ready`` (receive posted), ``NODE_{r}_out`` =
-``updated`` (ack), ``NODE_{r}_schema`` / ``NODE_{r}_verdict`` (connect-time schema check).
+``updated`` (ack), ``NODE_{r}_schema`` / ``NODE_{r}_verdict`` (connect), ``NODE_{r}_slot`` (shared memory).
 """
 
+import json
 import time
 from datetime import timedelta
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
 from tensordict import TensorDictBase
 from torch import nn
 
+from fabric_weightsync.channels import (  # noqa: F401  (new_pair_group is re-exported for users of this module)
+    ChannelError,
+    GroupChannel,
+    SharedMemoryChannel,
+    SharedWireBuffer,
+    host_id,
+    new_pair_group,
+    new_run_id,
+)
 from fabric_weightsync.weights import (
     VERSION_KEY,
     WEIGHTS_KEY,
@@ -32,18 +43,22 @@ from fabric_weightsync.weights import (
     WeightSchema,
     WeightStrategy,
     make_wire_buffer,
+    named_weights,
+    unwrap,
+    has_wire_storage,
     wire_storage,
 )
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds any single blocking step (connect, transfer, ack, store wait) may take before it raises."""
 
+Channel = Literal["group", "shm", "auto"]
+
 _UPDATE_TAG = 0
 _INITIAL_TAG = 1
 _INSTRUCTION = b"update_weights"
 _ACK = b"updated"
 _ABORT = b"abort"
-_OK = b"ok"
 
 
 class TransportError(RuntimeError):
@@ -59,11 +74,7 @@ class TransportTimeout(TransportError):
 
 
 class DistributedTransport:
-    """torch.distributed transport for ONE inference worker, TorchRL-compatible.
-
-    The sender (training rank 0) and the worker form their own two-rank process group (the sender is rank 0,
-    the worker rank 1), built on ``store`` unless ``group`` is given, so neither the trainers' DDP world nor
-    ``torch.distributed``'s default group is involved.
+    """Weight transport for ONE inference worker, with the API of TorchRL's ``DistributedTransport``.
 
     Args:
         weights_buffer: the weights layout: a module, a ``TensorDict`` of weights or a wire buffer made by
@@ -71,11 +82,15 @@ class DistributedTransport:
             buffer of it (the given one when it already is one): the sender's staging area or the receiver's
             landing area.
         store: the control-plane store. Give each transport its own client: a store client serialises its
-            calls, and the transport waits on the store.
+            calls, and the transport blocks on the store.
         rank: the worker's rank, 1-indexed as in TorchRL (``worker_idx + 1``); names the store keys.
         sync: with ``False``, :meth:`send_weights` returns once the send is posted; :meth:`wait_ack` finishes it.
-        group: an existing two-rank process group to use instead of building one.
-        backend: ``"gloo"`` (CPU, any host) or ``"nccl"`` (CUDA tensors on distinct GPUs).
+        group: an existing two-rank process group (sender rank 0, worker rank 1) instead of building one on
+            ``store`` (neither the default group nor the trainers' world is ever used).
+        backend: backend of the group it builds: ``"gloo"`` (any tensors, any host) or ``"nccl"`` (CUDA
+            tensors, distinct GPUs).
+        channel: the sender's choice of data plane: ``"group"`` (always the process group), ``"shm"`` (shared
+            memory, same host only) or ``"auto"`` (shared memory when the worker is on this host).
         timeout: seconds any single blocking step may take (default :data:`DEFAULT_TIMEOUT`).
         group_name: store prefix of the group; a rejoining worker uses a new one.
     """
@@ -89,20 +104,23 @@ class DistributedTransport:
         sync: bool = True,
         group: Optional[dist.ProcessGroup] = None,
         backend: str = "gloo",
+        channel: Channel = "group",
         timeout: float = DEFAULT_TIMEOUT,
         group_name: Optional[str] = None,
     ) -> None:
+        if channel not in ("group", "shm", "auto"):
+            raise ValueError(f"channel must be 'group', 'shm' or 'auto', got {channel!r}")
         self._store = store
         self._rank = rank
         self._sync = sync
-        self._group = group
-        self._backend = backend
         self._timeout = float(timeout)
-        self._group_name = group_name or f"fws/pg/{rank}"
+        self._preferred_channel = channel
         self._wire = _as_wire_buffer(weights_buffer)
         self._schema = WeightSchema.of(self._wire[WEIGHTS_KEY])
-        self._pending: Optional[dist.Work] = None
+        self._group_channel = GroupChannel(store, group_name or f"fws/pg/{rank}", backend, self._timeout, group)
+        self._channel: Union[GroupChannel, SharedMemoryChannel] = self._group_channel
         self._ack_pending = False
+        self._ack_consumed = False
         self._version = 0
 
     # ------------------------------------------------------------------ properties
@@ -118,6 +136,11 @@ class DistributedTransport:
     def wire_buffer(self) -> TensorDictBase:
         """The consolidated ``{weights, version}`` buffer this transport sends from or receives into."""
         return self._wire
+
+    @property
+    def channel(self) -> str:
+        """The data plane in use: ``"group"`` or ``"shm"`` (decided at connect)."""
+        return self._channel.name
 
     @property
     def version(self) -> int:
@@ -150,57 +173,67 @@ class DistributedTransport:
         self._store.set(self._key("in"), _INSTRUCTION)
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
-        """Block until the worker has posted its receive (or :meth:`abort` is called from another thread)."""
+        """Block until the worker is ready to receive (or :meth:`abort` is called from another thread)."""
         value = self._wait_key("ready", self._timeout if timeout is None else timeout, "for the worker to post its receive")
         self._store.delete_key(self._key("ready"))
         if value == _ABORT:
             raise TransportAborted(f"transport to worker rank {self._rank} was aborted")
 
     def post_send(self, wire: TensorDictBase) -> None:
-        """Post the send of one wire buffer (already staged) on the group; :meth:`wait_ack` completes it."""
-        self._pending = self._group_or_raise().send([wire_storage(wire)], 1, _UPDATE_TAG)
-        self._ack_pending = True
+        """Send one staged wire buffer on the data plane; :meth:`wait_sent` / :meth:`wait_ack` complete it."""
+        self._data_plane(lambda: self._channel.post(wire, _UPDATE_TAG), "sending an update")
+        self._ack_pending, self._ack_consumed = True, False
         self._version = int(wire[VERSION_KEY])
 
     def wait_sent(self) -> None:
-        """Wait until the posted send has left the wire buffer, which may then be overwritten."""
-        if self._pending is not None:
-            work, self._pending = self._pending, None
-            self._wait_work(work, "sending an update")
+        """Wait until the wire buffer passed to :meth:`post_send` may be overwritten."""
+        self._ack_consumed = self._data_plane(self._channel.wait_sent, "sending an update") or self._ack_consumed
 
     def wait_ack(self, timeout: Optional[float] = None) -> None:
-        """Wait until the posted send completed and the worker acknowledged (``NODE_{rank}_out`` = ``updated``)."""
+        """Wait until the send completed and the worker acknowledged (``NODE_{rank}_out`` = ``updated``)."""
         if self._store is None or self._rank is None or not self._ack_pending:
             return
         self.wait_sent()
-        status = self._wait_key("out", self._timeout if timeout is None else timeout, "for the worker's ack")
-        self._store.delete_key(self._key("out"))
         self._ack_pending = False
+        if self._ack_consumed:
+            status = self._store.get(self._key("out"))
+        else:
+            status = self._wait_key("out", self._timeout if timeout is None else timeout, "for the worker's ack")
+        self._store.delete_key(self._key("out"))
         if status != _ACK:
             raise TransportError(f"worker rank {self._rank} answered {status!r} instead of {_ACK!r}")
 
     def send_initial_weights(self, weights: Any) -> None:
-        """Send version 0 directly on the group, without store signalling (the worker is blocked in connect)."""
-        wire = self._stage(weights, 0)
-        self._wait_work(self._group_or_raise().send([wire_storage(wire)], 1, _INITIAL_TAG), "sending the initial weights")
-        self._version = 0
+        """Send the first weights without an instruction (the worker is blocked in its connect)."""
+        wire = self._stage(weights, int(weights[VERSION_KEY]) if _is_wire(weights) else 0)
+        self._data_plane(lambda: self._channel.post(wire, _INITIAL_TAG), "sending the initial weights")
+        self._ack_pending, self._ack_consumed = True, False
+        self.wait_ack()  # the worker acks its initial weights too: the connection is then confirmed end to end
+        self._version = int(wire[VERSION_KEY])
 
     def receiver_connected(self) -> bool:
         """Whether the worker has published its schema, i.e. called its side of the connection setup."""
         return self._store.check([self._key("schema")])
 
     def setup_connection_and_weights_on_sender(self, weights: Any = None) -> None:
-        """Check the worker's schema, join the group and send it the initial weights.
+        """Check the worker's schema, pick the data plane, connect, and send the initial weights.
 
         Blocks until the worker connects (up to the timeout). Raises :class:`SchemaMismatchError` naming the
         offending keys, after telling the worker the same, when the two layouts differ.
         """
-        theirs = WeightSchema.from_json(self._wait_key("schema", self._timeout, "for the worker to connect"))
-        problem = self._schema.mismatch(theirs)
-        self._store.set(self._key("verdict"), _OK if problem is None else problem.encode())
+        hello = json.loads(self._wait_key("schema", self._timeout, "for the worker to connect"))
+        self._store.delete_key(self._key("schema"))
+        problem = self._schema.mismatch(WeightSchema.from_json(json.dumps(hello["schema"])))
         if problem:
+            self._store.set(self._key("verdict"), json.dumps({"error": problem}).encode())
             raise SchemaMismatchError(f"Worker rank {self._rank} has a different policy: {problem}")
-        self._connect_group(group_rank=0)
+        use_shm = self._preferred_channel == "shm" or (self._preferred_channel == "auto" and hello["host"] == host_id())
+        if use_shm:
+            self._channel = SharedMemoryChannel(self._store, self._key("slot"), self._key("out"), self._timeout)
+            if weights is None and getattr(self._wire, "_fws_shm_path", None) is None:
+                self._wire = SharedWireBuffer.create(self._wire, new_run_id(), self._rank)
+        self._store.set(self._key("verdict"), json.dumps({"channel": self._channel.name}).encode())
+        self._data_plane(lambda: self._channel.connect(0), "connecting")
         self.send_initial_weights(self._wire if weights is None else weights)
 
     # ------------------------------------------------------------------ receiver side
@@ -222,10 +255,7 @@ class DistributedTransport:
         if not self.take_instruction(self._timeout if timeout is None else timeout):
             return None
         self._store.set(self._key("ready"), b"1")
-        self._wait_work(self._group_or_raise().recv([wire_storage(self._wire)], 0, _UPDATE_TAG), "receiving an update")
-        received = self._deliver(weights, model, strategy)
-        self._store.set(self._key("out"), _ACK)
-        return received
+        return self._receive(_UPDATE_TAG, weights, model, strategy)
 
     def take_instruction(self, timeout: float = 0.0) -> bool:
         """Consume a pending ``update_weights`` instruction, waiting up to ``timeout`` seconds for one."""
@@ -239,10 +269,8 @@ class DistributedTransport:
         return True
 
     def receive_initial_weights(self) -> TensorDictBase:
-        """Receive version 0 directly on the group (the counterpart of :meth:`send_initial_weights`)."""
-        self._wait_work(self._group_or_raise().recv([wire_storage(self._wire)], 0, _INITIAL_TAG), "receiving the initial weights")
-        self._version = int(self._wire[VERSION_KEY])
-        return self._wire[WEIGHTS_KEY]
+        """Receive the first weights (the counterpart of :meth:`send_initial_weights`)."""
+        return self._receive(_INITIAL_TAG, None, None, None)
 
     def setup_connection_and_weights_on_receiver(
         self,
@@ -252,31 +280,33 @@ class DistributedTransport:
         model: Any = None,
         strategy: Optional[WeightStrategy] = None,
     ) -> TensorDictBase:
-        """Publish this worker's schema, join the group, receive the initial weights and apply them to ``model``."""
+        """Publish this worker's schema and host, connect as the sender decides, and apply the initial weights."""
         if self._rank is None:
             self._rank = worker_idx + 1
-        self._store.set(self._key("schema"), self._schema.to_json().encode())
-        verdict = self._wait_key("verdict", self._timeout, "for the trainer to check this worker's schema")
+        hello = {"schema": json.loads(self._schema.to_json()), "host": host_id()}
+        self._store.set(self._key("schema"), json.dumps(hello).encode())
+        verdict = json.loads(self._wait_key("verdict", self._timeout, "for the trainer to check this worker's schema"))
         self._store.delete_key(self._key("verdict"))
-        if verdict != _OK:
-            raise SchemaMismatchError(f"Worker {worker_idx} (rank {self._rank}) policy differs from the trainer's: {verdict.decode()}")
-        self._connect_group(group_rank=1)
-        self.receive_initial_weights()
-        return self._deliver(weights, model, strategy)
+        if "error" in verdict:
+            raise SchemaMismatchError(f"Worker {worker_idx} (rank {self._rank}) policy differs from the trainer's: {verdict['error']}")
+        if verdict["channel"] == SharedMemoryChannel.name:
+            self._channel = SharedMemoryChannel(self._store, self._key("slot"), self._key("out"), self._timeout)
+        self._data_plane(lambda: self._channel.connect(1), "connecting")
+        return self._receive(_INITIAL_TAG, weights, model, strategy)
 
     # ------------------------------------------------------------------ lifecycle
-    def abort(self) -> None:
-        """Wake a thread blocked in :meth:`wait_ready` (from any thread, through its own store client)."""
-        self._store.set(self._key("ready"), _ABORT)
+    def abort(self, store: Optional[dist.Store] = None) -> None:
+        """Wake a thread blocked in :meth:`wait_ready`; call it from another thread with another store client."""
+        (store or self._store).set(self._key("ready"), _ABORT)
 
     def close(self) -> None:
-        """Drop the group and the keys this transport owns in the store."""
-        for name in ("in", "ready", "out", "schema", "verdict"):
+        """Drop the data plane and the keys this transport owns in the store."""
+        for name in ("in", "ready", "out", "schema", "verdict", "slot"):
             try:
                 self._store.delete_key(self._key(name))
             except Exception:  # the store may already be gone at shutdown
                 pass
-        self._group = None
+        self._group_channel.group = None
 
     # ------------------------------------------------------------------ helpers
     def _key(self, name: str) -> str:
@@ -289,64 +319,58 @@ class DistributedTransport:
         wire[VERSION_KEY].fill_(version)
         return wire
 
-    def _deliver(self, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
-        self._version = int(self._wire[VERSION_KEY])
-        received = self._wire[WEIGHTS_KEY]
-        strategy = strategy or WeightStrategy()
-        if weights is not None:
-            strategy.apply_weights(weights, received)
-            received = weights
-        if model is not None:
-            strategy.apply_weights(model, received)
+    def _receive(self, tag: int, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
+        source = self._data_plane(lambda: self._channel.receive(self._wire, tag), "receiving weights")
+        version = int(source[VERSION_KEY])
+        if weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy):
+            _copy_into_module(model, source, self._schema)  # straight from the landing area: one copy
+            received = source[WEIGHTS_KEY]
+        else:
+            if source is not self._wire:
+                wire_storage(self._wire).copy_(wire_storage(source))
+            received = self._wire[WEIGHTS_KEY]
+            strategy = strategy or WeightStrategy()
+            if weights is not None:
+                strategy.apply_weights(weights, received)
+                received = weights
+            if model is not None:
+                strategy.apply_weights(model, received)
+        self._store.set(self._key("out"), _ACK)
+        self._version = version
         return received
+
+    def _data_plane(self, operation, what: str):
+        try:
+            return operation()
+        except ChannelError as err:
+            raise TransportError(f"Worker rank {self._rank}: {what} failed: {err}") from err
 
     def _wait_key(self, name: str, timeout: float, what: str) -> bytes:
         key = self._key(name)
         try:
             self._store.wait([key], timedelta(seconds=timeout))
         except dist.DistStoreError as err:
-            raise TransportTimeout(f"Timed out after {timeout:.1f}s waiting {what} (store key {key!r}): {err}") from err
+            raise TransportTimeout(f"Timed out after {timeout:.1f}s waiting {what} (store key {key!r})") from err
         return self._store.get(key)
 
-    def _wait_work(self, work: dist.Work, what: str) -> None:
-        try:
-            work.wait(timedelta(seconds=self._timeout))
-        except RuntimeError as err:
-            self._group = None  # a group whose transfer failed cannot be trusted again
-            raise TransportError(f"Worker rank {self._rank}: {what} failed: {err}") from err
 
-    def _connect_group(self, group_rank: int) -> None:
-        if self._group is None:
-            self._group = new_pair_group(self._store, self._group_name, group_rank, self._backend, self._timeout)
-
-    def _group_or_raise(self) -> dist.ProcessGroup:
-        if self._group is None:
-            raise TransportError(f"Transport of worker rank {self._rank} is not connected (or a transfer failed)")
-        return self._group
-
-
-def new_pair_group(store: dist.Store, name: str, group_rank: int, backend: str, timeout: float) -> dist.ProcessGroup:
-    """A standalone two-rank process group on ``store``: outside the default group and the trainers' world."""
-    prefixed = dist.PrefixStore(name, store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, group_rank, 2, timedelta(seconds=timeout))
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timedelta(seconds=timeout)
-        return dist.ProcessGroupNCCL(prefixed, group_rank, 2, options)
-    raise ValueError(f"Unsupported backend {backend!r}: use 'gloo' or 'nccl'")
+def _copy_into_module(model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
+    targets = named_weights(unwrap(model))
+    names = [name for name, _, _ in schema.entries]
+    if len(targets) != len(names) or any(name not in targets for name in names):
+        WeightStrategy().apply_weights(model, source[WEIGHTS_KEY])  # raises the precise mismatch
+        return
+    flat = source[WEIGHTS_KEY]
+    with torch.no_grad():
+        torch._foreach_copy_([targets[name] for name in names], [flat[name] for name in names])
 
 
 def _is_wire(weights: Any) -> bool:
-    return (
-        isinstance(weights, TensorDictBase)
-        and weights.is_consolidated()
-        and set(weights.keys()) == {WEIGHTS_KEY, VERSION_KEY}
-    )
+    return isinstance(weights, TensorDictBase) and set(weights.keys()) == {WEIGHTS_KEY, VERSION_KEY}
 
 
 def _as_wire_buffer(weights: Any) -> TensorDictBase:
-    return weights if _is_wire(weights) else make_wire_buffer(_extract(weights))
+    return weights if _is_wire(weights) and has_wire_storage(weights) else make_wire_buffer(_extract(weights))
 
 
 def _extract(weights: Any) -> Any:

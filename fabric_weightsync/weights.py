@@ -17,6 +17,7 @@ from torch import nn
 
 VERSION_KEY = "version"
 WEIGHTS_KEY = "weights"
+EXTERNAL_STORAGE_ATTR = "_fws_storage"
 
 
 class SchemaMismatchError(RuntimeError):
@@ -106,8 +107,16 @@ def make_wire_buffer(
 
 
 def wire_storage(wire: TensorDictBase) -> torch.Tensor:
-    """The single flat byte tensor behind a consolidated wire buffer: the one message of an update."""
-    return wire._consolidated["storage"]
+    """The single flat byte tensor behind a wire buffer: the one message of an update.
+
+    That is the consolidated storage, or the external storage a buffer was rebased onto (shared memory).
+    """
+    external = getattr(wire, EXTERNAL_STORAGE_ATTR, None)
+    return external if external is not None else wire._consolidated["storage"]
+
+
+def has_wire_storage(wire: TensorDictBase) -> bool:
+    return getattr(wire, EXTERNAL_STORAGE_ATTR, None) is not None or wire.is_consolidated()
 
 
 class WeightStrategy:

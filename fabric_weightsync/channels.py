@@ -1,0 +1,195 @@
+"""Data planes of a transport: how the bytes of one update get from the sender's wire buffer to the worker.
+
+- :class:`GroupChannel`: one ``send`` of the wire buffer's single storage on a standalone two-rank process
+  group (gloo, or nccl for CUDA tensors on distinct GPUs). Works across hosts.
+- :class:`SharedMemoryChannel`: the sender's staging buffers are files in ``/dev/shm``; the sender names the
+  file to read, the worker copies from it straight into its policy and acks, and the sender keeps that file
+  untouched until the ack. One memcpy per worker, no network stack. Same host only.
+
+Both are driven by :class:`~fabric_weightsync.transport.DistributedTransport`, which owns the store signalling.
+"""
+
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict, TensorDictBase
+
+from fabric_weightsync.weights import EXTERNAL_STORAGE_ATTR, VERSION_KEY, WEIGHTS_KEY, wire_storage
+
+
+class ChannelError(RuntimeError):
+    """The data plane failed: peer gone, timed out, or a shared-memory file that cannot be mapped."""
+
+
+class GroupChannel:
+    """Sends the wire storage as one message on a two-rank group (sender rank 0, worker rank 1)."""
+
+    name = "group"
+
+    def __init__(self, store: dist.Store, group_name: str, backend: str, timeout: float, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.store = store
+        self.group_name = group_name
+        self.backend = backend
+        self.timeout = timeout
+        self.group = group
+        self._pending: Optional[dist.Work] = None
+
+    def connect(self, group_rank: int) -> None:
+        if self.group is None:
+            self.group = new_pair_group(self.store, self.group_name, group_rank, self.backend, self.timeout)
+
+    def post(self, wire: TensorDictBase, tag: int) -> None:
+        self._pending = self._group().send([wire_storage(wire)], 1, tag)
+
+    def wait_sent(self) -> bool:
+        """Block until the sender's buffer is free again; returns whether the worker's ack was consumed too."""
+        if self._pending is not None:
+            work, self._pending = self._pending, None
+            self._wait(work, "sending")
+        return False
+
+    def receive(self, wire: TensorDictBase, tag: int) -> TensorDictBase:
+        self._wait(self._group().recv([wire_storage(wire)], 0, tag), "receiving")
+        return wire
+
+    def _group(self) -> dist.ProcessGroup:
+        if self.group is None:
+            raise ChannelError("not connected, or an earlier transfer failed")
+        return self.group
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        try:
+            work.wait(timedelta(seconds=self.timeout))
+        except RuntimeError as err:
+            self.group = None  # a group whose transfer failed cannot be trusted again
+            raise ChannelError(f"{what} failed: {err}") from err
+
+
+class SharedMemoryChannel:
+    """The sender's wire buffers are ``/dev/shm`` files; an update is "read file F", then an ack.
+
+    The slot key (``NODE_{rank}_slot``) names the file to read; the worker copies it into its buffer (or its
+    policy) and acks, and only then may the sender overwrite that file, so the copy is always consistent even
+    if the sender dies mid-way.
+    """
+
+    name = "shm"
+
+    def __init__(self, store: dist.Store, slot_key: str, ack_key: str, timeout: float) -> None:
+        self.store = store
+        self.slot_key = slot_key
+        self.ack_key = ack_key
+        self.timeout = timeout
+        self._mapped: dict[str, TensorDictBase] = {}
+        self._posted = False
+
+    def connect(self, group_rank: int) -> None:
+        pass  # files are mapped on first use
+
+    def post(self, wire: TensorDictBase, tag: int) -> None:
+        path = getattr(wire, "_fws_shm_path", None)
+        if path is None:
+            raise ChannelError("the shared-memory channel needs a wire buffer made by SharedWireBuffer")
+        self.store.set(self.slot_key, path.encode())
+        self._posted = True
+
+    def wait_sent(self) -> bool:
+        if not self._posted:
+            return False
+        self._posted = False
+        _wait_key(self.store, self.ack_key, self.timeout, "for the worker to copy from shared memory")
+        return True
+
+    def receive(self, wire: TensorDictBase, tag: int) -> TensorDictBase:
+        """The sender's (pinned) staging buffer to copy from; call :meth:`done` after the copy."""
+        _wait_key(self.store, self.slot_key, self.timeout, "for the sender to name a shared-memory slot")
+        path = self.store.get(self.slot_key).decode()
+        self.store.delete_key(self.slot_key)
+        if path not in self._mapped:
+            self._mapped[path] = SharedWireBuffer.open(path, wire)
+        return self._mapped[path]
+
+
+class SharedWireBuffer:
+    """A wire buffer whose single storage is a file in ``/dev/shm``, mappable by any process on the host."""
+
+    @staticmethod
+    def create(template: TensorDictBase, run_id: str, index: int) -> TensorDictBase:
+        path = os.path.join(shm_dir(), f"fabric_weightsync-{run_id}-{index}")
+        return SharedWireBuffer._map(path, template, create=True)
+
+    @staticmethod
+    def open(path: str, template: TensorDictBase) -> TensorDictBase:
+        if not os.path.exists(path) or os.path.getsize(path) != wire_storage(template).numel():
+            raise ChannelError(f"shared-memory file {path} is missing or has the wrong size; use transport='gloo'")
+        return SharedWireBuffer._map(path, template, create=False)
+
+    @staticmethod
+    def unlink(wire: TensorDictBase) -> None:
+        path = getattr(wire, "_fws_shm_path", None)
+        if path and os.path.exists(path):
+            os.unlink(path)
+
+    @staticmethod
+    def _map(path: str, template: TensorDictBase, create: bool) -> TensorDictBase:
+        nbytes = wire_storage(template).numel()
+        if create and os.path.exists(path):
+            os.unlink(path)
+        storage = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        base = wire_storage(template).data_ptr()
+
+        def view(leaf: torch.Tensor) -> torch.Tensor:
+            start = leaf.data_ptr() - base
+            return storage[start : start + leaf.numel() * leaf.element_size()].view(leaf.dtype).view(leaf.shape)
+
+        flat = template[WEIGHTS_KEY]
+        wire = TensorDict(
+            {WEIGHTS_KEY: TensorDict({k: view(v) for k, v in flat.items()}), VERSION_KEY: view(template[VERSION_KEY])}
+        )
+        wire._fws_shm_path = path
+        setattr(wire, EXTERNAL_STORAGE_ATTR, storage)
+        if create:
+            storage.copy_(wire_storage(template))
+        return wire
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+
+
+def host_id() -> str:
+    """Same value for two processes iff they can share ``/dev/shm`` files (same host, same boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def new_pair_group(store: dist.Store, name: str, group_rank: int, backend: str, timeout: float) -> dist.ProcessGroup:
+    """A standalone two-rank process group on ``store``: outside the default group and the trainers' world."""
+    prefixed = dist.PrefixStore(name, store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, group_rank, 2, timedelta(seconds=timeout))
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timedelta(seconds=timeout)
+        return dist.ProcessGroupNCCL(prefixed, group_rank, 2, options)
+    raise ValueError(f"Unsupported backend {backend!r}: use 'gloo' or 'nccl'")
+
+
+def _wait_key(store: dist.Store, key: str, timeout: float, what: str) -> None:
+    try:
+        store.wait([key], timedelta(seconds=timeout))
+    except dist.DistStoreError as err:
+        raise ChannelError(f"Timed out after {timeout:.1f}s waiting {what} (store key {key!r})") from err
