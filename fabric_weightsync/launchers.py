@@ -33,7 +33,7 @@ class WeightSyncScriptLauncher(_Launcher):
 
     When the cluster does not create the processes (plain ``python train.py``), local rank 0 of each node
     re-runs the script ``devices + inference_workers - 1`` times with ``LOCAL_RANK`` set, like Fabric's own
-    script launcher; workers get ``PR_SET_PDEATHSIG`` so they cannot outlive it. Under torchrun or SLURM the
+    script launcher; children get ``PR_SET_PDEATHSIG`` so they cannot outlive it. Under torchrun or SLURM the
     processes already exist and each one just takes its role.
     """
 
@@ -69,10 +69,9 @@ class WeightSyncScriptLauncher(_Launcher):
         for local_rank in range(1, layout.processes_per_node):
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             command, cwd = _child_command(local_rank)
-            is_worker = layout.is_worker(local_rank)
-            self.children[local_rank] = subprocess.Popen(
-                command, env=child_env, cwd=cwd, preexec_fn=_die_with_parent if is_worker else None
-            )
+            # Unlike Fabric's launcher, children die with this process: a dead rank 0 ends the run anyway,
+            # and orphans would hang in collectives or wait for weights that never come.
+            self.children[local_rank] = subprocess.Popen(command, env=child_env, cwd=cwd, preexec_fn=_die_with_parent)
         _ChildWatcher(self.strategy, self.children).start()
 
     def join_workers(self, timeout: float) -> None:
@@ -133,6 +132,7 @@ class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
 
 
 def _spawned_worker(strategy: "WeightSyncStrategy", local_rank: int, states: Optional[_GlobalStateSnapshot]) -> None:
+    _die_with_parent()
     if states is not None:
         states.restore()
     os.environ["LOCAL_RANK"] = str(local_rank)

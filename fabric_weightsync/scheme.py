@@ -92,6 +92,7 @@ class WeightSyncScheme:
         self._latest: Optional[int] = None
         self._latest_version = -1
         self._pending_version: Optional[int] = None
+        self._writing: Optional[int] = None
         self._cond = threading.Condition()
         self._closing = False
         self._links: list[_WorkerLink] = []
@@ -134,21 +135,24 @@ class WeightSyncScheme:
     def push(self, version: int) -> bool:
         """Stage the module's weights as ``version`` for every worker; returns whether it was staged now.
 
-        Costs one copy of the weights into a free staging buffer and never waits on a worker. When both
-        buffers are being read by sends, the version is remembered and staged by the next push or by
+        Costs one copy of the weights into a staging buffer no send is reading, and never waits on a worker.
+        When both buffers are being read by sends, the version is remembered and staged by the next push or by
         :meth:`close`. Raises :class:`WorkerFailedError` for a failed worker under ``on_worker_failure="raise"``.
         """
         self.raise_if_failed()
         self._check_sources()
         with self._cond:
-            free = [i for i in (0, 1) if i != self._latest and self._pins[i] == 0]
+            # Prefer the older buffer; overwrite the newest one only when a slow send still reads the older
+            # (links then wait the one copy out in pin_latest instead of the trainer waiting on them).
+            free = [i for i in (1 - self._latest, self._latest) if self._pins[i] == 0]
             if not free:
                 self._pending_version = version
                 return False
-            target = free[0]
+            target = self._writing = free[0]
         self._snapshot(target, version)
         with self._cond:
             self._latest, self._latest_version = target, version
+            self._writing = None
             self._pending_version = None
             self._cond.notify_all()
         return True
@@ -200,6 +204,7 @@ class WeightSyncScheme:
 
     def pin_latest(self) -> tuple[TensorDictBase, int]:
         with self._cond:
+            self._cond.wait_for(lambda: self._writing != self._latest)
             index = self._latest
             self._pins[index] += 1
             return self._buffers[index], index
@@ -212,6 +217,15 @@ class WeightSyncScheme:
         with self._cond:
             status.delivered_version = version
             self._cond.notify_all()
+
+    def worker_joined(self, status: WorkerStatus) -> None:
+        """A worker (re)connected: serve it again from the newest version."""
+        with self._cond:
+            if status.alive and status.error is None:
+                return
+            status.alive, status.error, status.delivered_version = True, None, -1
+            self._raised.discard(status.worker_id)
+        log.warning("fabric_weightsync: inference worker %d rejoined", status.worker_id)
 
     def worker_failed(self, worker_id: int, reason: str, error: bool = True) -> None:
         """Mark a worker gone (idempotent) and stop serving it; ``error`` ones count for the failure policy."""
@@ -251,65 +265,76 @@ class WeightSyncScheme:
 
 
 class _WorkerLink(threading.Thread):
-    """Serves one worker: connect, then deliver the newest staged version each time the worker is ready."""
+    """Serves one worker: connect, deliver the newest staged version whenever it is ready, and re-admit it.
+
+    Each connection of the worker is an *epoch* with a fresh transport and group name, so a worker process
+    that dies and comes back under the same worker id gets a full resync and jumps to the newest version.
+    """
 
     def __init__(self, scheme: WeightSyncScheme, status: WorkerStatus) -> None:
         super().__init__(name=f"fws-link-{status.worker_id}", daemon=True)
         self.scheme = scheme
         self.status = status
-        self.transport = DistributedTransport(
-            weights_buffer=scheme._buffers[0],
-            store=scheme.control.client(),
-            rank=status.rank,
-            backend="nccl" if scheme.transport == "nccl" else "gloo",
-            channel={"auto": "auto", "shm": "shm"}.get(scheme.transport, "group"),
-            timeout=scheme.timeout,
-        )
+        self.store = scheme.control.client()
 
     def abort(self) -> None:
+        """Wake this link wherever it waits on its worker (called from other threads)."""
         try:
-            self.scheme.control.client().set(f"NODE_{self.status.rank}_ready", b"abort")
+            store = self.scheme.control.client()
+            store.set(f"NODE_{self.status.rank}_ready", b"abort")
+            store.set(f"NODE_{self.status.rank}_out", b"abort")
         except Exception:  # the store is gone: the link is exiting anyway
             pass
 
     def run(self) -> None:
-        try:
-            self._connect()
-            while self.scheme.wait_for_newer(self.status.delivered_version) and self.status.alive:
-                self._deliver()
-        except TransportAborted:
-            pass
-        except SchemaMismatchError as err:
-            self.scheme.worker_failed(self.status.worker_id, str(err))
-        except TransportError as err:
-            if self.status.alive and not self.scheme.closing:
-                self.scheme.worker_failed(self.status.worker_id, str(err))
-        finally:
-            self.transport.close()
+        epoch = 0
+        while not self.scheme.closing:
+            transport = DistributedTransport(
+                weights_buffer=self.scheme._buffers[0],
+                store=self.store,
+                rank=self.status.rank,
+                backend="nccl" if self.scheme.transport == "nccl" else "gloo",
+                channel={"auto": "auto", "shm": "shm"}.get(self.scheme.transport, "group"),
+                timeout=self.scheme.timeout,
+                group_name=f"fws/pg/{self.status.rank}/{epoch}",
+            )
+            try:
+                self._serve(transport)
+            except TransportAborted:
+                pass
+            except (SchemaMismatchError, TransportError) as err:
+                if not self.scheme.closing:
+                    self.scheme.worker_failed(self.status.worker_id, str(err))
+            finally:
+                transport.close()
+            epoch += 1
 
-    def _connect(self) -> None:
-        while not self.transport.receiver_connected():
-            if not self.status.alive or self.scheme.closing:
-                raise TransportAborted(f"worker {self.status.worker_id} is gone")
+    def _serve(self, transport: DistributedTransport) -> None:
+        while not transport.receiver_connected():
+            if self.scheme.closing:
+                return
             time.sleep(0.05)
+        self.scheme.worker_joined(self.status)
         wire, index = self.scheme.pin_latest()
         try:
-            self.transport.setup_connection_and_weights_on_sender(wire)
+            transport.setup_connection_and_weights_on_sender(wire)
         finally:
             self.scheme.unpin(index)
         self.scheme.delivered(self.status, int(wire[VERSION_KEY]))
+        while self.scheme.wait_for_newer(self.status.delivered_version) and self.status.alive:
+            self._deliver(transport)
 
-    def _deliver(self) -> None:
-        self.transport.instruct()
-        self._patiently(self.transport.wait_ready)
+    def _deliver(self, transport: DistributedTransport) -> None:
+        transport.instruct()
+        self._patiently(transport.wait_ready)
         wire, index = self.scheme.pin_latest()
         version = int(wire[VERSION_KEY])
         try:
-            self.transport.post_send(wire)
-            self.transport.wait_sent()
+            transport.post_send(wire)
+            transport.wait_sent()
         finally:
             self.scheme.unpin(index)
-        self.transport.wait_ack()
+        transport.wait_ack()
         self.scheme.delivered(self.status, version)
 
     def _patiently(self, wait: Callable[[], None]) -> None:

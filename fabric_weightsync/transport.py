@@ -222,7 +222,8 @@ class DistributedTransport:
         offending keys, after telling the worker the same, when the two layouts differ.
         """
         hello = json.loads(self._wait_key("schema", self._timeout, "for the worker to connect"))
-        self._store.delete_key(self._key("schema"))
+        for stale in ("schema", "in", "ready", "out", "slot"):  # left by an earlier connection of this rank
+            self._store.delete_key(self._key(stale))
         problem = self._schema.mismatch(WeightSchema.from_json(json.dumps(hello["schema"])))
         if problem:
             self._store.set(self._key("verdict"), json.dumps({"error": problem}).encode())
@@ -232,7 +233,8 @@ class DistributedTransport:
             self._channel = SharedMemoryChannel(self._store, self._key("slot"), self._key("out"), self._timeout)
             if weights is None and getattr(self._wire, "_fws_shm_path", None) is None:
                 self._wire = SharedWireBuffer.create(self._wire, new_run_id(), self._rank)
-        self._store.set(self._key("verdict"), json.dumps({"channel": self._channel.name}).encode())
+        verdict = {"channel": self._channel.name, "group": self._group_channel.group_name}
+        self._store.set(self._key("verdict"), json.dumps(verdict).encode())
         self._data_plane(lambda: self._channel.connect(0), "connecting")
         self.send_initial_weights(self._wire if weights is None else weights)
 
@@ -289,6 +291,7 @@ class DistributedTransport:
         self._store.delete_key(self._key("verdict"))
         if "error" in verdict:
             raise SchemaMismatchError(f"Worker {worker_idx} (rank {self._rank}) policy differs from the trainer's: {verdict['error']}")
+        self._group_channel.group_name = verdict["group"]
         if verdict["channel"] == SharedMemoryChannel.name:
             self._channel = SharedMemoryChannel(self._store, self._key("slot"), self._key("out"), self._timeout)
         self._data_plane(lambda: self._channel.connect(1), "connecting")

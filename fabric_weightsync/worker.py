@@ -178,9 +178,11 @@ class _Heartbeat(threading.Thread):
 
 def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerContext) -> None:
     """Run ``worker_fn`` with heartbeats; report an exception to the trainer (then re-raise it) and the exit."""
+    store = context.control.store
+    for stale in (error_key(context.rank), exit_key(context.rank)):  # left by this worker id's previous process
+        store.delete_key(stale)
     heartbeat = _Heartbeat(context)
     heartbeat.start()
-    store = context.control.store
     code = "1"
     try:
         worker_fn(context)
