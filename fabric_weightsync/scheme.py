@@ -116,12 +116,15 @@ class WeightSyncScheme:
         named = named_weights(module)
         self._schema = WeightSchema.of(named)
         self._sources = [named[name] for name, _, _ in self._schema.entries]
-        template = make_wire_buffer(named)
+        # Staging lives where the data plane reads it: host memory for gloo and shared memory (a GPU
+        # trainer pays one device-to-host copy per push), the GPU for nccl.
+        device = self._sources[0].device if self.transport == "nccl" and self._sources else torch.device("cpu")
+        template = make_wire_buffer(named, device=device)
         if self.transport in ("auto", "shm"):  # shm-backed staging costs no extra memory and serves both planes
             run_id = new_run_id()
             self._buffers = [SharedWireBuffer.create(template, run_id, i) for i in (0, 1)]
         else:
-            self._buffers = [template, make_wire_buffer(named)]
+            self._buffers = [template, make_wire_buffer(named, device=device)]
         self._targets = [list(wire[WEIGHTS_KEY].values()) for wire in self._buffers]
         self._snapshot(0, version)
         with self._cond:

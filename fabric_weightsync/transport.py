@@ -80,7 +80,8 @@ class DistributedTransport:
         weights_buffer: the weights layout: a module, a ``TensorDict`` of weights or a wire buffer made by
             :func:`~fabric_weightsync.weights.make_wire_buffer`. The transport keeps a consolidated wire
             buffer of it (the given one when it already is one): the sender's staging area or the receiver's
-            landing area.
+            landing area, in host memory (on the weights' GPU with ``backend="nccl"``). Policies on a GPU
+            receive into host memory and are updated with one host-to-device copy.
         store: the control-plane store. Give each transport its own client: a store client serialises its
             calls, and the transport blocks on the store.
         rank: the worker's rank, 1-indexed as in TorchRL (``worker_idx + 1``); names the store keys.
@@ -115,7 +116,7 @@ class DistributedTransport:
         self._sync = sync
         self._timeout = float(timeout)
         self._preferred_channel = channel
-        self._wire = _as_wire_buffer(weights_buffer)
+        self._wire = _as_wire_buffer(weights_buffer, backend)
         self._schema = WeightSchema.of(self._wire[WEIGHTS_KEY])
         self._group_channel = GroupChannel(store, group_name or f"fws/pg/{rank}", backend, self._timeout, group)
         self._channel: Union[GroupChannel, SharedMemoryChannel] = self._group_channel
@@ -372,8 +373,13 @@ def _is_wire(weights: Any) -> bool:
     return isinstance(weights, TensorDictBase) and set(weights.keys()) == {WEIGHTS_KEY, VERSION_KEY}
 
 
-def _as_wire_buffer(weights: Any) -> TensorDictBase:
-    return weights if _is_wire(weights) and has_wire_storage(weights) else make_wire_buffer(_extract(weights))
+def _as_wire_buffer(weights: Any, backend: str) -> TensorDictBase:
+    """The landing/staging buffer: host memory unless nccl moves it (gloo and shared memory read host memory)."""
+    if _is_wire(weights) and has_wire_storage(weights):
+        return weights
+    weights = _extract(weights)
+    device = None if backend == "nccl" else torch.device("cpu")
+    return make_wire_buffer(weights, device=device)
 
 
 def _extract(weights: Any) -> Any:

@@ -101,7 +101,7 @@ def make_wire_buffer(
         weights = named_weights(weights)
     elif isinstance(weights, TensorDictBase):
         weights = dict(weights.flatten_keys(".").items())
-    flat = TensorDict({name: weights[name].detach() for name in sorted(weights)}, device=device)
+    flat = TensorDict({name: weights[name].detach().to(device) if device else weights[name].detach() for name in sorted(weights)}, device=device)
     version = torch.zeros((), dtype=torch.int64, device=device)
     return TensorDict({WEIGHTS_KEY: flat, VERSION_KEY: version}, device=device).consolidate(metadata=True)
 

@@ -114,10 +114,12 @@ class WorkerContext:
         self._receiver = WeightReceiver(transport, policy, strategy, self)
         return self._receiver
 
-    def send(self, batch: "TensorDictBase", *, version: Optional[int] = None, timeout: Optional[float] = None) -> None:
+    def send(self, batch: "TensorDictBase", *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
         """Send a batch of experience to this worker's training rank (``worker_id % num_training_ranks``).
 
         ``version`` defaults to the version of the policy applied now (``connect`` must have been called).
+        Blocks while that rank's queue is full; returns ``False`` if training stopped before the batch could be
+        delivered (see :class:`~fabric_weightsync.experience.ExperienceSender`).
         """
         from fabric_weightsync.experience import ExperienceSender
 
@@ -127,7 +129,7 @@ class WorkerContext:
             if self._receiver is None:
                 raise RuntimeError("ctx.send() needs the policy version: call ctx.connect(policy) first or pass version=")
             version = self._receiver.version
-        self._sender.send(batch, version=version, timeout=self.timeout if timeout is None else timeout)
+        return self._sender.send(batch, version=version, timeout=self.timeout if timeout is None else timeout)
 
     @property
     def stop_requested(self) -> bool:
