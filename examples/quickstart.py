@@ -1,7 +1,7 @@
 """Quickstart: a small policy trained on 2 training ranks while 2 inference workers follow its weights.
 
     python examples/quickstart.py                      # python train.py + fabric.launch()
-    torchrun --nproc-per-node=4 examples/quickstart.py  # 2 training + 2 worker processes
+    torchrun --nproc-per-node=4 examples/quickstart.py  # 2 training + 2 worker processes per node
 
 Each worker polls for the newest weights between "rollouts", collects with the policy it has, and prints the
 versions it applied. The trainer pushes after every optimizer step (WeightSyncCallback); when training ends,
@@ -23,7 +23,9 @@ class Args:
     devices: int = 2
     """training processes"""
     inference_workers: int = 2
-    """inference (collector) processes"""
+    """inference (collector) processes per node"""
+    num_nodes: int = 1
+    """nodes (torchrun --nnodes / SLURM --nodes)"""
     steps: int = 100
     """optimizer steps"""
     rollout_ms: float = 20.0
@@ -66,6 +68,7 @@ def main() -> None:
     fabric = Fabric(
         accelerator="cpu",
         devices=args.devices,
+        num_nodes=args.num_nodes,
         strategy=WeightSyncStrategy(collect, inference_workers=args.inference_workers),
         callbacks=[WeightSyncCallback()],
     )
