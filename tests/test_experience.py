@@ -1,0 +1,296 @@
+"""The experience path, end to end: real Fabric launches (fork), real worker processes, real gloo groups.
+
+Workers build every batch from (worker id, sequence number, policy version), so a trainer can rebuild what it
+should have received and compare every byte. Trainers and workers write what they saw to JSON files; the
+assertions run here, in the test process.
+"""
+
+import functools
+import json
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from lightning.fabric import Fabric
+
+from _experience_workers import (
+    batch_seq,
+    checking_worker,
+    failing_worker,
+    make_batch,
+    make_policy,
+    streaming_worker,
+)
+from fabric_weightsync import WeightSyncCallback, WeightSyncStrategy, WorkerFailedError
+from fabric_weightsync.experience import ExperienceError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_master_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each launch gets its own rendezvous port; the launcher writes MASTER_PORT into os.environ.
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
+def launch(train_fn: Callable, worker_fn: Callable, *, devices: int, workers: int, **train_kwargs: Any) -> tuple[Any, float]:
+    """One fork launch with weight sync; returns training rank 0's result and the wall time of the whole launch."""
+    strategy = WeightSyncStrategy(worker_fn, inference_workers=workers, start_method="fork", shutdown_timeout=20)
+    fabric = Fabric(accelerator="cpu", devices=devices, strategy=strategy, callbacks=[WeightSyncCallback()])
+    start = time.monotonic()
+    result = fabric.launch(functools.partial(train_fn, **train_kwargs))
+    return result, time.monotonic() - start
+
+
+def setup_model(fabric: Fabric) -> tuple[Any, Any]:
+    torch.set_num_threads(1)
+    model, optimizer = fabric.setup(make_policy(), torch.optim.SGD(make_policy().parameters(), lr=0.1))
+    return model, optimizer
+
+
+def optimizer_step(fabric: Fabric, model: Any, optimizer: Any) -> None:
+    loss = model(torch.randn(4, 2)).pow(2).sum()
+    fabric.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def write_json(path: Path, record: Any) -> None:
+    path.write_text(json.dumps(record))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- content, versions, routing
+def train_and_check_content(fabric: Fabric, out_dir: str, updates: int) -> None:
+    model, optimizer = setup_model(fabric)
+    stream = fabric.strategy.experience(capacity=3)
+    taken = []
+    for _ in range(updates):
+        for batch in stream.get(2):  # the same number on both ranks: DDP steps stay in lockstep
+            expected = make_batch(batch.worker_id, batch_seq(batch.data), batch.version)
+            equal = set(batch.data.keys(True, True)) == set(expected.keys(True, True)) and all(
+                batch.data.get(key).dtype == expected.get(key).dtype and torch.equal(batch.data.get(key), expected.get(key))
+                for key in expected.keys(True, True)
+            )
+            taken.append(
+                {
+                    "worker": batch.worker_id,
+                    "seq": batch_seq(batch.data),
+                    "version": batch.version,
+                    "policy_version": fabric.strategy.policy_version,
+                    "equal": bool(equal),
+                    "batch_size": list(batch.data.batch_size),
+                }
+            )
+        optimizer_step(fabric, model, optimizer)
+    write_json(Path(out_dir, f"rank{fabric.global_rank}.json"), {"taken": taken, "in_use_max": stream.capacity})
+
+
+@pytest.mark.timeout(60)
+def test_batches_arrive_intact_with_versions_and_route_by_worker_id(tmp_path: Path) -> None:
+    """2 training ranks, 4 workers: worker i reaches rank i % 2, byte for byte, in order, tagged with its version."""
+    _, wall = launch(
+        train_and_check_content,
+        functools.partial(streaming_worker, out_dir=str(tmp_path), limit=12),
+        devices=2,
+        workers=4,
+        out_dir=str(tmp_path),
+        updates=12,
+    )
+    for rank in (0, 1):
+        taken = read_json(tmp_path / f"rank{rank}.json")["taken"]
+        assert len(taken) == 24
+        assert {t["worker"] for t in taken} == {rank, rank + 2}, f"rank {rank} should hear exactly workers {rank}, {rank + 2}"
+        assert all(t["equal"] for t in taken), f"rank {rank}: a batch differs from what its worker sent: {taken}"
+        assert all(t["batch_size"] == [5, 3] for t in taken)
+        for worker in (rank, rank + 2):
+            mine = [t for t in taken if t["worker"] == worker]
+            # FIFO per worker, nothing lost or duplicated.
+            assert [t["seq"] for t in mine] == list(range(12))
+            versions = [t["version"] for t in mine]
+            assert versions == sorted(versions), f"worker {worker}: versions went back: {versions}"
+            assert all(t["version"] <= t["policy_version"] for t in mine)
+            sent = dict(map(tuple, read_json(tmp_path / f"worker{worker}.json")["sent"]))
+            # The tag is the version the worker's policy had when it built the batch.
+            assert all(sent[t["seq"]] == t["version"] for t in mine)
+        assert max(t["version"] for t in taken) >= 1, "weights pushed after each step should reach the workers"
+    assert wall < 30, f"the launch took {wall:.1f}s: shutdown waited on a worker"
+
+
+# ---------------------------------------------------------------------------------------------------- back-pressure
+def train_slowly(fabric: Fabric, out_dir: str, takes: int, capacity: int, pause: float) -> None:
+    model, optimizer = setup_model(fabric)
+    stream = fabric.strategy.experience(capacity=capacity)
+    samples = []
+    for taken in range(1, takes + 1):
+        time.sleep(pause)  # a slow learner: the workers are far faster
+        next(stream)
+        samples.append({"received": stream.received, "taken": taken, "in_use": stream.in_use, "queued": len(stream)})
+        optimizer_step(fabric, model, optimizer)
+    write_json(Path(out_dir, "rank0.json"), {"samples": samples, "received": stream.received})
+
+
+@pytest.mark.timeout(60)
+def test_slow_trainer_blocks_workers_and_bounds_the_queue(tmp_path: Path) -> None:
+    """capacity=2 and a trainer taking 5 batches/s: workers block in send, the queue never exceeds 2, and workers
+    blocked in send at the end of training return cleanly (no error, no shutdown wait)."""
+    capacity, takes, pause = 2, 8, 0.2
+    _, wall = launch(
+        train_slowly,
+        functools.partial(streaming_worker, out_dir=str(tmp_path)),
+        devices=1,
+        workers=2,
+        out_dir=str(tmp_path),
+        takes=takes,
+        capacity=capacity,
+        pause=pause,
+    )
+    trainer = read_json(tmp_path / "rank0.json")
+    for sample in trainer["samples"]:
+        assert sample["in_use"] <= capacity and sample["queued"] <= capacity, sample
+        assert sample["received"] - sample["taken"] <= capacity, sample
+    workers = [read_json(tmp_path / f"worker{i}.json") for i in (0, 1)]
+    sent = sum(len(w["sent"]) for w in workers)
+    # Unblocked, each worker would have sent hundreds of these tiny batches in 1.6 s.
+    assert sent <= takes + capacity, f"{sent} batches sent for {takes} taken with capacity {capacity}"
+    # Sends that completed after the trainer wrote its record were still received (into free slots).
+    assert trainer["received"] <= sent
+    waits = [d for w in workers for d in w["durations"]]
+    assert max(waits) > pause / 2, f"workers never blocked in send: {waits}"
+    assert all(w["stopped_in_send"] for w in workers), "a worker blocked in send must return False at the end"
+    assert wall < 15, f"the launch took {wall:.1f}s: the end of training waited on blocked workers"
+
+
+# ---------------------------------------------------------------------------------------------------- staleness
+def train_with_staleness(fabric: Fabric, out_dir: str, takes: int, max_staleness: int, steps_per_take: int) -> None:
+    model, optimizer = setup_model(fabric)
+    stream = fabric.strategy.experience(capacity=6, max_staleness=max_staleness)
+    lags = []
+    for batch in stream:  # the iterator form
+        lags.append(fabric.strategy.policy_version - batch.version)
+        for _ in range(steps_per_take):
+            optimizer_step(fabric, model, optimizer)
+        if len(lags) == takes:
+            break
+    write_json(
+        Path(out_dir, "rank0.json"),
+        {"lags": lags, "dropped": stream.dropped, "received": stream.received, "queued": len(stream)},
+    )
+
+
+@pytest.mark.timeout(60)
+def test_batches_older_than_max_staleness_are_dropped_and_counted(tmp_path: Path) -> None:
+    _, _ = launch(
+        train_with_staleness,
+        functools.partial(streaming_worker, out_dir=str(tmp_path)),
+        devices=1,
+        workers=1,
+        out_dir=str(tmp_path),
+        takes=10,
+        max_staleness=2,
+        steps_per_take=4,
+    )
+    trainer = read_json(tmp_path / "rank0.json")
+    assert len(trainer["lags"]) == 10
+    assert all(0 <= lag <= 2 for lag in trainer["lags"]), trainer["lags"]
+    assert trainer["dropped"] > 0, "a queue of 6 batches and 4 steps per take must leave stale batches"
+    assert trainer["received"] == len(trainer["lags"]) + trainer["dropped"] + trainer["queued"]
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def train_for_checks(fabric: Fabric, out_dir: str) -> None:
+    model, optimizer = setup_model(fabric)
+    record: dict[str, Any] = {}
+    if fabric.global_rank == 1:
+        try:
+            fabric.strategy.experience()
+            record["no_worker_error"] = None
+        except ExperienceError as err:
+            record["no_worker_error"] = str(err)
+    else:
+        stream = fabric.strategy.experience(capacity=1)
+        fabric.strategy.control_plane().client().wait(["test/go"], timedelta(seconds=30))
+        batches = stream.get(2, timeout=30)
+        record["taken"] = [
+            {
+                "seq": batch_seq(b.data),
+                "version": b.version,
+                "equal": all(
+                    torch.equal(b.data.get(k), make_batch(0, batch_seq(b.data), 0).get(k))
+                    for k in ("obs", "action", ("next", "done"))
+                ),
+            }
+            for b in batches
+        ]
+    optimizer_step(fabric, model, optimizer)
+    write_json(Path(out_dir, f"rank{fabric.global_rank}.json"), record)
+
+
+@pytest.mark.timeout(60)
+def test_schema_mismatch_timeout_and_rank_without_workers(tmp_path: Path) -> None:
+    """A batch unlike the worker's first is refused in send() naming the key; nothing reaches the trainer.
+    A send with no room times out with a clear error. A training rank with no workers gets a clear error."""
+    launch(
+        train_for_checks,
+        functools.partial(checking_worker, out_dir=str(tmp_path)),
+        devices=2,
+        workers=1,
+        out_dir=str(tmp_path),
+    )
+    worker = read_json(tmp_path / "worker0.json")
+    errors = worker["errors"]
+    assert worker["first"] is True
+    assert "'obs'" in errors["shape"] and "[5, 3, 4], float32" in errors["shape"] and "[5, 3, 5], float32" in errors["shape"]
+    assert "'action'" in errors["dtype"] and "int64" in errors["dtype"] and "int32" in errors["dtype"]
+    assert "'logprob'" in errors["missing"] and "missing" in errors["missing"]
+    assert "('next', 'extra')" in errors["extra"]
+    assert worker["timeout_error"] is not None and "training rank 0" in worker["timeout_error"]
+    assert 0.4 < worker["timeout_waited"] < 5
+    assert worker["after_timeout"] is True, "a send that timed out waiting for room must leave the path usable"
+
+    taken = read_json(tmp_path / "rank0.json")["taken"]
+    # Only the first batch and the one after the timeout arrived: refused batches never left the worker.
+    assert [t["seq"] for t in taken] == [0, 2]
+    assert taken[0]["version"] == 1234, "an explicit version= must be the tag"
+    assert all(t["equal"] for t in taken)
+
+    message = read_json(tmp_path / "rank1.json")["no_worker_error"]
+    assert message is not None and "Training rank 1 has no inference workers" in message and "i % 2" in message
+
+
+def train_until_worker_fails(fabric: Fabric, out_dir: str) -> None:
+    setup_model(fabric)
+    stream = fabric.strategy.experience()
+    record: dict[str, Any] = {}
+    try:
+        stream.get(10, timeout=30)
+        record["error"] = None
+    except (WorkerFailedError, ExperienceError) as err:
+        record["error"] = f"{type(err).__name__}: {err}"
+    write_json(Path(out_dir, "rank0.json"), record)
+
+
+@pytest.mark.timeout(60)
+def test_worker_failure_reaches_the_waiting_trainer(tmp_path: Path) -> None:
+    launch(
+        train_until_worker_fails,
+        functools.partial(failing_worker, out_dir=str(tmp_path)),
+        devices=1,
+        workers=1,
+        out_dir=str(tmp_path),
+    )
+    error = read_json(tmp_path / "rank0.json")["error"]
+    assert error is not None and error.startswith("WorkerFailedError")
+    assert "injected failure in worker 0" in error
