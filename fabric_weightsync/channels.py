@@ -26,6 +26,24 @@ class ChannelError(RuntimeError):
     """The data plane failed: peer gone, timed out, or a shared-memory file that cannot be mapped."""
 
 
+class StoreTimeout(ChannelError):
+    """A store key did not appear in time."""
+
+
+def await_key(store: dist.Store, key: str, what: str, timeout: Optional[float] = None) -> bytes:
+    """The value of ``key`` once it is set.
+
+    Without ``timeout`` this is one round trip: a store ``get`` blocks until the key exists, up to the client's
+    own timeout. With one, a ``wait`` comes first (one more round trip).
+    """
+    try:
+        if timeout is not None:
+            store.wait([key], timedelta(seconds=timeout))
+        return store.get(key)
+    except dist.DistStoreError as err:
+        raise StoreTimeout(f"Timed out waiting {what} (store key {key!r}): {err}") from err
+
+
 class GroupChannel:
     """Sends the wire storage as one message on a two-rank group (sender rank 0, worker rank 1)."""
 
@@ -46,12 +64,15 @@ class GroupChannel:
     def post(self, wire: TensorDictBase, tag: int) -> None:
         self._pending = self._group().send([wire_storage(wire)], 1, tag)
 
-    def wait_sent(self) -> bool:
-        """Block until the sender's buffer is free again; returns whether the worker's ack was consumed too."""
+    def wait_sent(self) -> Optional[bytes]:
+        """Block until the sender's buffer is free again; returns the worker's ack if it had to read it."""
         if self._pending is not None:
             work, self._pending = self._pending, None
             self._wait(work, "sending")
-        return False
+        return None
+
+    def release(self) -> None:
+        pass
 
     def receive(self, wire: TensorDictBase, tag: int) -> TensorDictBase:
         self._wait(self._group().recv([wire_storage(wire)], 0, tag), "receiving")
@@ -98,21 +119,23 @@ class SharedMemoryChannel:
         self.store.set(self.slot_key, path.encode())
         self._posted = True
 
-    def wait_sent(self) -> bool:
+    def wait_sent(self) -> Optional[bytes]:
+        """The buffer is free once the worker acked its copy: returns that ack."""
         if not self._posted:
-            return False
+            return None
         self._posted = False
-        _wait_key(self.store, self.ack_key, self.timeout, "for the worker to copy from shared memory")
-        return True
+        return await_key(self.store, self.ack_key, "for the worker to copy from shared memory")
 
     def receive(self, wire: TensorDictBase, tag: int) -> TensorDictBase:
-        """The sender's (pinned) staging buffer to copy from; call :meth:`done` after the copy."""
-        _wait_key(self.store, self.slot_key, self.timeout, "for the sender to name a shared-memory slot")
-        path = self.store.get(self.slot_key).decode()
-        self.store.delete_key(self.slot_key)
+        """The sender's (pinned) staging buffer to copy from; call :meth:`release` after the copy, before the ack."""
+        path = await_key(self.store, self.slot_key, "for the sender to name a shared-memory slot").decode()
         if path not in self._mapped:
             self._mapped[path] = SharedWireBuffer.open(path, wire)
         return self._mapped[path]
+
+    def release(self) -> None:
+        # Before the ack: once acked, the sender may name the next slot, which must not be deleted.
+        self.store.delete_key(self.slot_key)
 
 
 class SharedWireBuffer:
@@ -187,9 +210,3 @@ def new_pair_group(store: dist.Store, name: str, group_rank: int, backend: str, 
         return dist.ProcessGroupNCCL(prefixed, group_rank, 2, options)
     raise ValueError(f"Unsupported backend {backend!r}: use 'gloo' or 'nccl'")
 
-
-def _wait_key(store: dist.Store, key: str, timeout: float, what: str) -> None:
-    try:
-        store.wait([key], timedelta(seconds=timeout))
-    except dist.DistStoreError as err:
-        raise ChannelError(f"Timed out after {timeout:.1f}s waiting {what} (store key {key!r})") from err

@@ -24,7 +24,15 @@ from torch import nn
 from fabric_weightsync.channels import SharedWireBuffer, new_run_id
 from fabric_weightsync.control import ControlPlane, error_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport, TransportAborted, TransportError, TransportTimeout
-from fabric_weightsync.weights import VERSION_KEY, WEIGHTS_KEY, SchemaMismatchError, WeightSchema, make_wire_buffer, named_weights
+from fabric_weightsync.weights import (
+    VERSION_KEY,
+    WEIGHTS_KEY,
+    SchemaMismatchError,
+    WeightSchema,
+    make_wire_buffer,
+    named_weights,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +124,7 @@ class WeightSyncScheme:
         named = named_weights(module)
         self._schema = WeightSchema.of(named)
         self._sources = [named[name] for name, _, _ in self._schema.entries]
+        self._layout_probe = _LayoutProbe(unwrap(module), self._schema)
         # Staging lives where the data plane reads it: host memory for gloo and shared memory (a GPU
         # trainer pays one device-to-host copy per push), the GPU for nccl.
         device = self._sources[0].device if self.transport == "nccl" and self._sources else torch.device("cpu")
@@ -126,6 +135,7 @@ class WeightSyncScheme:
         else:
             self._buffers = [template, make_wire_buffer(named, device=device)]
         self._targets = [list(wire[WEIGHTS_KEY].values()) for wire in self._buffers]
+        self._version_slots = [wire[VERSION_KEY] for wire in self._buffers]
         self._snapshot(0, version)
         with self._cond:
             self._latest, self._latest_version = 0, version
@@ -250,21 +260,48 @@ class WeightSyncScheme:
     def _snapshot(self, index: int, version: int) -> None:
         with torch.no_grad():
             torch._foreach_copy_(self._targets[index], self._sources)
-        self._buffers[index][VERSION_KEY].fill_(version)
+        self._version_slots[index].fill_(version)
 
     def _check_sources(self) -> None:
         """Detect a module whose parameters were replaced or reshaped since :meth:`start`."""
-        named = named_weights(self._module)
-        if len(named) == len(self._sources) and all(
-            named.get(name) is src and tuple(src.shape) == shape
-            for (name, shape, _), src in zip(self._schema.entries, self._sources)
-        ):
+        if self._layout_probe.unchanged(self._sources):
             return
+        named = named_weights(self._module)
         problem = self._schema.mismatch(WeightSchema.of(named), "workers", "trainer now")
         if problem is None:  # same layout, new tensor objects (e.g. load_state_dict with assign=True)
             self._sources = [named[name] for name, _, _ in self._schema.entries]
+            self._layout_probe = _LayoutProbe(unwrap(self._module), self._schema)
             return
         raise SchemaMismatchError(f"The synced module changed its parameters after the workers connected: {problem}")
+
+
+class _LayoutProbe:
+    """A check of "same tensors, same shapes" cheap enough for every push (no walk of named_parameters).
+
+    It remembers, for each weight, the dict that holds it (a module's ``_parameters`` or ``_buffers``) and every
+    parent/child edge leading to that module, so replacing a parameter, a buffer or a whole submodule, or
+    reshaping a tensor in place (``p.data = ...``), is seen.
+    """
+
+    def __init__(self, module: nn.Module, schema: WeightSchema) -> None:
+        self.slots: list[tuple[dict, str]] = []
+        self.shapes = [torch.Size(shape) for _, shape, _ in schema.entries]
+        edges: dict[tuple[int, str], tuple[dict, str, nn.Module]] = {}
+        for name, _, _ in schema.entries:
+            owner = module
+            *path, attr = name.split(".")
+            for child_name in path:
+                child = owner._modules[child_name]
+                edges[(id(owner), child_name)] = (owner._modules, child_name, child)
+                owner = child
+            self.slots.append((owner._parameters if attr in owner._parameters else owner._buffers, attr))
+        self.edges = list(edges.values())
+
+    def unchanged(self, sources: list[torch.Tensor]) -> bool:
+        return all(table.get(name) is child for table, name, child in self.edges) and all(
+            table.get(attr) is src and src.shape == shape
+            for (table, attr), src, shape in zip(self.slots, sources, self.shapes)
+        )
 
 
 class _WorkerLink(threading.Thread):
@@ -279,20 +316,22 @@ class _WorkerLink(threading.Thread):
         self.scheme = scheme
         self.status = status
         self.store = scheme.control.client()
+        self.transport: Optional[DistributedTransport] = None
 
     def abort(self) -> None:
         """Wake this link wherever it waits on its worker (called from other threads)."""
+        transport = self.transport
+        if transport is None:
+            return
         try:
-            store = self.scheme.control.client()
-            store.set(f"NODE_{self.status.rank}_ready", b"abort")
-            store.set(f"NODE_{self.status.rank}_out", b"abort")
+            transport.abort(self.scheme.control.client())
         except Exception:  # the store is gone: the link is exiting anyway
             pass
 
     def run(self) -> None:
         epoch = 0
         while not self.scheme.closing:
-            transport = DistributedTransport(
+            transport = self.transport = DistributedTransport(
                 weights_buffer=self.scheme._buffers[0],
                 store=self.store,
                 rank=self.status.rank,

@@ -30,6 +30,8 @@ from torch import nn
 from fabric_weightsync.channels import (  # noqa: F401  (new_pair_group is re-exported for users of this module)
     ChannelError,
     GroupChannel,
+    StoreTimeout,
+    await_key,
     SharedMemoryChannel,
     SharedWireBuffer,
     host_id,
@@ -121,7 +123,8 @@ class DistributedTransport:
         self._group_channel = GroupChannel(store, group_name or f"fws/pg/{rank}", backend, self._timeout, group)
         self._channel: Union[GroupChannel, SharedMemoryChannel] = self._group_channel
         self._ack_pending = False
-        self._ack_consumed = False
+        self._ack: Optional[bytes] = None
+        self._aborted = False
         self._version = 0
 
     # ------------------------------------------------------------------ properties
@@ -175,20 +178,24 @@ class DistributedTransport:
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
         """Block until the worker is ready to receive (or :meth:`abort` is called from another thread)."""
-        value = self._wait_key("ready", self._timeout if timeout is None else timeout, "for the worker to post its receive")
-        self._store.delete_key(self._key("ready"))
-        if value == _ABORT:
+        key = self._key("ready")
+        try:
+            self._store.wait([key], timedelta(seconds=self._timeout if timeout is None else timeout))
+        except dist.DistStoreError as err:
+            raise TransportTimeout(f"Timed out waiting for worker rank {self._rank} to post its receive ({key!r})") from err
+        if self._aborted:
             raise TransportAborted(f"transport to worker rank {self._rank} was aborted")
 
     def post_send(self, wire: TensorDictBase) -> None:
         """Send one staged wire buffer on the data plane; :meth:`wait_sent` / :meth:`wait_ack` complete it."""
         self._data_plane(lambda: self._channel.post(wire, _UPDATE_TAG), "sending an update")
-        self._ack_pending, self._ack_consumed = True, False
+        self._ack_pending, self._ack = True, None
+        self._store.delete_key(self._key("ready"))  # after posting: off the worker's critical path
         self._version = int(wire[VERSION_KEY])
 
     def wait_sent(self) -> None:
         """Wait until the wire buffer passed to :meth:`post_send` may be overwritten."""
-        self._ack_consumed = self._data_plane(self._channel.wait_sent, "sending an update") or self._ack_consumed
+        self._ack = self._data_plane(self._channel.wait_sent, "sending an update") or self._ack
 
     def wait_ack(self, timeout: Optional[float] = None) -> None:
         """Wait until the send completed and the worker acknowledged (``NODE_{rank}_out`` = ``updated``)."""
@@ -196,11 +203,10 @@ class DistributedTransport:
             return
         self.wait_sent()
         self._ack_pending = False
-        if self._ack_consumed:
-            status = self._store.get(self._key("out"))
-        else:
-            status = self._wait_key("out", self._timeout if timeout is None else timeout, "for the worker's ack")
+        status = self._ack or self._wait_key("out", timeout, "for the worker's ack")
         self._store.delete_key(self._key("out"))
+        if self._aborted:
+            raise TransportAborted(f"transport to worker rank {self._rank} was aborted")
         if status != _ACK:
             raise TransportError(f"worker rank {self._rank} answered {status!r} instead of {_ACK!r}")
 
@@ -208,7 +214,7 @@ class DistributedTransport:
         """Send the first weights without an instruction (the worker is blocked in its connect)."""
         wire = self._stage(weights, int(weights[VERSION_KEY]) if _is_wire(weights) else 0)
         self._data_plane(lambda: self._channel.post(wire, _INITIAL_TAG), "sending the initial weights")
-        self._ack_pending, self._ack_consumed = True, False
+        self._ack_pending, self._ack = True, None
         self.wait_ack()  # the worker acks its initial weights too: the connection is then confirmed end to end
         self._version = int(wire[VERSION_KEY])
 
@@ -222,7 +228,7 @@ class DistributedTransport:
         Blocks until the worker connects (up to the timeout). Raises :class:`SchemaMismatchError` naming the
         offending keys, after telling the worker the same, when the two layouts differ.
         """
-        hello = json.loads(self._wait_key("schema", self._timeout, "for the worker to connect"))
+        hello = json.loads(self._wait_key("schema", None, "for the worker to connect"))
         for stale in ("schema", "in", "ready", "out", "slot"):  # left by an earlier connection of this rank
             self._store.delete_key(self._key(stale))
         problem = self._schema.mismatch(WeightSchema.from_json(json.dumps(hello["schema"])))
@@ -288,7 +294,7 @@ class DistributedTransport:
             self._rank = worker_idx + 1
         hello = {"schema": json.loads(self._schema.to_json()), "host": host_id()}
         self._store.set(self._key("schema"), json.dumps(hello).encode())
-        verdict = json.loads(self._wait_key("verdict", self._timeout, "for the trainer to check this worker's schema"))
+        verdict = json.loads(self._wait_key("verdict", None, "for the trainer to check this worker's schema"))
         self._store.delete_key(self._key("verdict"))
         if "error" in verdict:
             raise SchemaMismatchError(f"Worker {worker_idx} (rank {self._rank}) policy differs from the trainer's: {verdict['error']}")
@@ -299,9 +305,11 @@ class DistributedTransport:
         return self._receive(_INITIAL_TAG, weights, model, strategy)
 
     # ------------------------------------------------------------------ lifecycle
-    def abort(self, store: Optional[dist.Store] = None) -> None:
-        """Wake a thread blocked in :meth:`wait_ready`; call it from another thread with another store client."""
-        (store or self._store).set(self._key("ready"), _ABORT)
+    def abort(self, store: dist.Store) -> None:
+        """Make a thread blocked on this transport give up; call it from another thread with its own store client."""
+        self._aborted = True
+        store.set(self._key("ready"), _ABORT)
+        store.set(self._key("out"), _ABORT)
 
     def close(self) -> None:
         """Drop the data plane and the keys this transport owns in the store."""
@@ -326,6 +334,8 @@ class DistributedTransport:
     def _receive(self, tag: int, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
         source = self._data_plane(lambda: self._channel.receive(self._wire, tag), "receiving weights")
         version = int(source[VERSION_KEY])
+        if self._aborted:
+            raise TransportAborted(f"transport of worker rank {self._rank} was aborted")
         if weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy):
             _copy_into_module(model, source, self._schema)  # straight from the landing area: one copy
             received = source[WEIGHTS_KEY]
@@ -339,6 +349,7 @@ class DistributedTransport:
                 received = weights
             if model is not None:
                 strategy.apply_weights(model, received)
+        self._channel.release()
         self._store.set(self._key("out"), _ACK)
         self._version = version
         return received
@@ -349,13 +360,12 @@ class DistributedTransport:
         except ChannelError as err:
             raise TransportError(f"Worker rank {self._rank}: {what} failed: {err}") from err
 
-    def _wait_key(self, name: str, timeout: float, what: str) -> bytes:
-        key = self._key(name)
+    def _wait_key(self, name: str, timeout: Optional[float], what: str) -> bytes:
+        """``name``'s value once set; without ``timeout``, up to the store client's own (one round trip)."""
         try:
-            self._store.wait([key], timedelta(seconds=timeout))
-        except dist.DistStoreError as err:
-            raise TransportTimeout(f"Timed out after {timeout:.1f}s waiting {what} (store key {key!r})") from err
-        return self._store.get(key)
+            return await_key(self._store, self._key(name), f"{what} (worker rank {self._rank})", timeout)
+        except StoreTimeout as err:
+            raise TransportTimeout(str(err)) from err
 
 
 def _copy_into_module(model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
