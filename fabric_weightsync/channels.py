@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict, TensorDictBase
 
-from fabric_weightsync.weights import EXTERNAL_STORAGE_ATTR, VERSION_KEY, WEIGHTS_KEY, wire_storage
+from fabric_weightsync.weights import EXTERNAL_STORAGE_ATTR, wire_storage
 
 
 class ChannelError(RuntimeError):
@@ -170,9 +170,11 @@ class SharedWireBuffer:
             start = leaf.data_ptr() - base
             return storage[start : start + leaf.numel() * leaf.element_size()].view(leaf.dtype).view(leaf.shape)
 
-        flat = template[WEIGHTS_KEY]
         wire = TensorDict(
-            {WEIGHTS_KEY: TensorDict({k: view(v) for k, v in flat.items()}), VERSION_KEY: view(template[VERSION_KEY])}
+            {
+                key: TensorDict({k: view(v) for k, v in value.items()}) if isinstance(value, TensorDictBase) else view(value)
+                for key, value in template.items()
+            }
         )
         wire._fws_shm_path = path
         setattr(wire, EXTERNAL_STORAGE_ATTR, storage)

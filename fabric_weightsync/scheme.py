@@ -25,6 +25,7 @@ from fabric_weightsync.channels import SharedWireBuffer, new_run_id
 from fabric_weightsync.control import ControlPlane, error_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport, TransportAborted, TransportError, TransportTimeout
 from fabric_weightsync.weights import (
+    CHECKSUM_KEY,
     VERSION_KEY,
     WEIGHTS_KEY,
     SchemaMismatchError,
@@ -32,6 +33,7 @@ from fabric_weightsync.weights import (
     make_wire_buffer,
     named_weights,
     unwrap,
+    weights_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class WeightSyncScheme:
         heartbeat_timeout: a worker whose heartbeat is older than this is declared dead.
         on_worker_failure: ``"raise"``: the next :meth:`push` raises :class:`WorkerFailedError` naming the
             worker; ``"continue"``: log it and keep serving the others.
+        checksum: stamp each staged version with a CRC32 that workers verify before applying. Computed once
+            per version by the first link that sends it, never on the trainer thread.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class WeightSyncScheme:
         timeout: float = 60.0,
         heartbeat_timeout: float = 10.0,
         on_worker_failure: FailurePolicy = "raise",
+        checksum: bool = False,
     ) -> None:
         if on_worker_failure not in ("raise", "continue"):
             raise ValueError(f"on_worker_failure must be 'raise' or 'continue', got {on_worker_failure!r}")
@@ -90,6 +95,9 @@ class WeightSyncScheme:
         self.timeout = timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.on_worker_failure = on_worker_failure
+        self.checksum = checksum
+        self._sealed = [-1, -1]
+        self._seal_locks = [threading.Lock(), threading.Lock()]
         self.workers = [WorkerStatus(i) for i in range(num_workers)]
         self._module: Optional[nn.Module] = None
         self._sources: list[torch.Tensor] = []
@@ -220,7 +228,14 @@ class WeightSyncScheme:
             self._cond.wait_for(lambda: self._writing != self._latest)
             index = self._latest
             self._pins[index] += 1
-            return self._buffers[index], index
+        wire = self._buffers[index]
+        if self.checksum:
+            with self._seal_locks[index]:  # pinned: the trainer cannot rewrite it meanwhile
+                version = int(wire[VERSION_KEY])
+                if self._sealed[index] != version:
+                    wire[CHECKSUM_KEY].fill_(weights_checksum(wire))
+                    self._sealed[index] = version
+        return wire, index
 
     def unpin(self, index: int) -> None:
         with self._cond:

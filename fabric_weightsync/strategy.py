@@ -64,6 +64,7 @@ class WeightSyncStrategy(DDPStrategy):
         on_worker_failure: ``"raise"`` (default) fails training at the next push, naming the worker;
             ``"continue"`` logs it and keeps training with the survivors.
         shutdown_timeout: seconds training rank 0 waits for the final delivery and for workers to exit.
+        checksum: stamp every update with a CRC32 that workers verify before applying (off by default).
         **ddp_kwargs: everything :class:`~lightning.fabric.strategies.DDPStrategy` accepts.
     """
 
@@ -78,6 +79,7 @@ class WeightSyncStrategy(DDPStrategy):
         heartbeat_timeout: float = 10.0,
         on_worker_failure: FailurePolicy = "raise",
         shutdown_timeout: float = 60.0,
+        checksum: bool = False,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
@@ -97,6 +99,7 @@ class WeightSyncStrategy(DDPStrategy):
         self.heartbeat_timeout = heartbeat_timeout
         self.on_worker_failure = on_worker_failure
         self.shutdown_timeout = shutdown_timeout
+        self.checksum = checksum
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
         self._experience: Optional["ExperienceStream"] = None
@@ -136,6 +139,7 @@ class WeightSyncStrategy(DDPStrategy):
                 timeout=self.sync_timeout,
                 heartbeat_timeout=self.heartbeat_timeout,
                 on_worker_failure=self.on_worker_failure,
+                checksum=self.checksum,
             )
             _CrashFlag.install()
             atexit.register(self.shutdown)

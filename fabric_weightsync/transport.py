@@ -47,7 +47,10 @@ from fabric_weightsync.weights import (
     make_wire_buffer,
     named_weights,
     unwrap,
+    CHECKSUM_KEY,
     has_wire_storage,
+    is_wire_buffer,
+    weights_checksum,
     wire_storage,
 )
 
@@ -96,6 +99,9 @@ class DistributedTransport:
             memory, same host only) or ``"auto"`` (shared memory when the worker is on this host).
         timeout: seconds any single blocking step may take (default :data:`DEFAULT_TIMEOUT`).
         group_name: store prefix of the group; a rejoining worker uses a new one.
+        checksum: the sender stamps each update it stages with a CRC32 of the weights; a receiver verifies any
+            stamped update before applying it and refuses a corrupt one (costs about one extra pass over the
+            weights on each side; off by default).
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class DistributedTransport:
         channel: Channel = "group",
         timeout: float = DEFAULT_TIMEOUT,
         group_name: Optional[str] = None,
+        checksum: bool = False,
     ) -> None:
         if channel not in ("group", "shm", "auto"):
             raise ValueError(f"channel must be 'group', 'shm' or 'auto', got {channel!r}")
@@ -118,6 +125,7 @@ class DistributedTransport:
         self._sync = sync
         self._timeout = float(timeout)
         self._preferred_channel = channel
+        self._checksum = checksum
         self._wire = _as_wire_buffer(weights_buffer, backend)
         self._schema = WeightSchema.of(self._wire[WEIGHTS_KEY])
         self._group_channel = GroupChannel(store, group_name or f"fws/pg/{rank}", backend, self._timeout, group)
@@ -212,7 +220,7 @@ class DistributedTransport:
 
     def send_initial_weights(self, weights: Any) -> None:
         """Send the first weights without an instruction (the worker is blocked in its connect)."""
-        wire = self._stage(weights, int(weights[VERSION_KEY]) if _is_wire(weights) else 0)
+        wire = self._stage(weights, int(weights[VERSION_KEY]) if is_wire_buffer(weights) else 0)
         self._data_plane(lambda: self._channel.post(wire, _INITIAL_TAG), "sending the initial weights")
         self._ack_pending, self._ack = True, None
         self.wait_ack()  # the worker acks its initial weights too: the connection is then confirmed end to end
@@ -325,15 +333,22 @@ class DistributedTransport:
         return f"NODE_{self._rank}_{name}"
 
     def _stage(self, weights: Any, version: int) -> TensorDictBase:
-        wire = weights if _is_wire(weights) else self._wire
+        wire = weights if is_wire_buffer(weights) else self._wire
         if wire is not weights:
             WeightStrategy().apply_weights(wire[WEIGHTS_KEY], _extract(weights))
         wire[VERSION_KEY].fill_(version)
+        if self._checksum and wire is not weights:
+            wire[CHECKSUM_KEY].fill_(weights_checksum(wire))
         return wire
 
     def _receive(self, tag: int, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
         source = self._data_plane(lambda: self._channel.receive(self._wire, tag), "receiving weights")
         version = int(source[VERSION_KEY])
+        stamp = int(source[CHECKSUM_KEY])
+        if stamp and stamp != weights_checksum(source):
+            self._channel.release()
+            self._store.set(self._key("out"), b"checksum mismatch")
+            raise TransportError(f"Worker rank {self._rank}: update {version} failed its checksum and was not applied")
         if self._aborted:
             raise TransportAborted(f"transport of worker rank {self._rank} was aborted")
         if weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy):
@@ -379,13 +394,9 @@ def _copy_into_module(model: nn.Module, source: TensorDictBase, schema: WeightSc
         torch._foreach_copy_([targets[name] for name in names], [flat[name] for name in names])
 
 
-def _is_wire(weights: Any) -> bool:
-    return isinstance(weights, TensorDictBase) and set(weights.keys()) == {WEIGHTS_KEY, VERSION_KEY}
-
-
 def _as_wire_buffer(weights: Any, backend: str) -> TensorDictBase:
     """The landing/staging buffer: host memory unless nccl moves it (gloo and shared memory read host memory)."""
-    if _is_wire(weights) and has_wire_storage(weights):
+    if is_wire_buffer(weights) and has_wire_storage(weights):
         return weights
     weights = _extract(weights)
     device = None if backend == "nccl" else torch.device("cpu")

@@ -8,6 +8,7 @@ travels as one message and lands with one copy.
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -17,6 +18,7 @@ from torch import nn
 
 VERSION_KEY = "version"
 WEIGHTS_KEY = "weights"
+CHECKSUM_KEY = "checksum"
 EXTERNAL_STORAGE_ATTR = "_fws_storage"
 
 
@@ -96,14 +98,30 @@ def _dtype(name: str) -> torch.dtype:
 def make_wire_buffer(
     weights: Union[nn.Module, TensorDictBase, dict[str, torch.Tensor]], device: Optional[torch.device] = None
 ) -> TensorDict:
-    """A consolidated ``{weights: {flat_name: tensor}, version: int64}`` holding a copy of ``weights``."""
+    """A consolidated ``{weights: {flat_name: tensor}, version, checksum}`` holding a copy of ``weights``.
+
+    ``version`` and ``checksum`` (0 unless checksums are on) ride in the same storage as the weights, so one
+    message carries an update and its identity.
+    """
     if isinstance(weights, nn.Module):
         weights = named_weights(weights)
     elif isinstance(weights, TensorDictBase):
         weights = dict(weights.flatten_keys(".").items())
     flat = TensorDict({name: weights[name].detach().to(device) if device else weights[name].detach() for name in sorted(weights)}, device=device)
-    version = torch.zeros((), dtype=torch.int64, device=device)
-    return TensorDict({WEIGHTS_KEY: flat, VERSION_KEY: version}, device=device).consolidate(metadata=True)
+    header = {key: torch.zeros((), dtype=torch.int64, device=device) for key in (VERSION_KEY, CHECKSUM_KEY)}
+    return TensorDict({WEIGHTS_KEY: flat, **header}, device=device).consolidate(metadata=True)
+
+
+def is_wire_buffer(weights: object) -> bool:
+    return isinstance(weights, TensorDictBase) and set(weights.keys()) == {WEIGHTS_KEY, VERSION_KEY, CHECKSUM_KEY}
+
+
+def weights_checksum(wire: TensorDictBase) -> int:
+    """CRC32 of the weights' bytes in schema order (the header is not covered), as a non-zero int64."""
+    crc = 0
+    for tensor in wire[WEIGHTS_KEY].values():
+        crc = zlib.crc32(tensor.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
+    return crc + 1
 
 
 def wire_storage(wire: TensorDictBase) -> torch.Tensor:
@@ -168,7 +186,7 @@ class WeightStrategy:
 
 def _flat_weights(weights: Union[TensorDictBase, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if isinstance(weights, TensorDictBase):
-        if WEIGHTS_KEY in weights.keys() and VERSION_KEY in weights.keys():
+        if is_wire_buffer(weights):
             weights = weights[WEIGHTS_KEY]
         return dict(weights.flatten_keys(".").items())
     return dict(weights)
