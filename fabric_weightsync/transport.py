@@ -133,6 +133,7 @@ class DistributedTransport:
         self._ack_pending = False
         self._ack: Optional[bytes] = None
         self._aborted = False
+        self._owned_shm: Optional[TensorDictBase] = None
         self._version = 0
 
     # ------------------------------------------------------------------ properties
@@ -248,6 +249,7 @@ class DistributedTransport:
             self._channel = SharedMemoryChannel(self._store, self._key("slot"), self._key("out"), self._timeout)
             if weights is None and getattr(self._wire, "_fws_shm_path", None) is None:
                 self._wire = SharedWireBuffer.create(self._wire, new_run_id(), self._rank)
+                self._owned_shm = self._wire
         verdict = {"channel": self._channel.name, "group": self._group_channel.group_name}
         self._store.set(self._key("verdict"), json.dumps(verdict).encode())
         self._data_plane(lambda: self._channel.connect(0), "connecting")
@@ -327,6 +329,9 @@ class DistributedTransport:
             except Exception:  # the store may already be gone at shutdown
                 pass
         self._group_channel.group = None
+        if self._owned_shm is not None:
+            SharedWireBuffer.unlink(self._owned_shm)
+            self._owned_shm = None
 
     # ------------------------------------------------------------------ helpers
     def _key(self, name: str) -> str:
