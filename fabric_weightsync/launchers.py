@@ -4,6 +4,7 @@ Workers reach :meth:`WeightSyncStrategy.run_worker_process` instead of the user'
 mode they stop inside ``fabric.launch()`` and exit there; in spawn mode they never call the user's function.
 """
 
+import atexit
 import ctypes
 import os
 import signal
@@ -73,12 +74,22 @@ class WeightSyncScriptLauncher(_Launcher):
             # and orphans would hang in collectives or wait for weights that never come.
             self.children[local_rank] = subprocess.Popen(command, env=child_env, cwd=cwd, preexec_fn=_die_with_parent)
         _ChildWatcher(self.strategy, self.children).start()
+        # Registered before rank 0's shutdown hook, so it runs after it (atexit is last-in, first-out).
+        atexit.register(self.join_children)
 
-    def join_workers(self, timeout: float) -> None:
-        """Wait for this node's worker children to exit, then kill what is left."""
+    def join_children(self) -> None:
+        """At exit: wait for this node's training children, then give workers ``shutdown_timeout`` to stop.
+
+        The children die with this process (``PR_SET_PDEATHSIG``), so it must not exit before them: training
+        ranks may still be finishing, and workers still taking the final version from rank 0.
+        """
+        layout = self.strategy.layout
+        for rank, proc in self.children.items():
+            if not layout.is_worker(rank):
+                proc.wait()
         _join_or_kill(
-            [proc for rank, proc in self.children.items() if self.strategy.layout.is_worker(rank)],
-            timeout,
+            [proc for rank, proc in self.children.items() if layout.is_worker(rank)],
+            self.strategy.shutdown_timeout,
             wait=lambda proc, t: proc.wait(t),
         )
 

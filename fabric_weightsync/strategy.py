@@ -242,8 +242,6 @@ class WeightSyncStrategy(DDPStrategy):
             scheme.close()
             control.request_stop()
             _wait_for_exits(control, scheme, self.shutdown_timeout)
-        if isinstance(self._launcher, WeightSyncScriptLauncher):
-            self._launcher.join_workers(self.shutdown_timeout)
 
     # ------------------------------------------------------------------ helpers
     def _main_address(self) -> str:
