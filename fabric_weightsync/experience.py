@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDict, TensorDictBase, is_leaf_nontensor, is_non_tensor
 
 from fabric_weightsync.control import STOP_KEY, error_key, exit_key
 from fabric_weightsync.scheme import WorkerFailedError
@@ -109,9 +109,10 @@ class ExperienceSchema:
     def of(cls, batch: TensorDictBase) -> "ExperienceSchema":
         """The schema of ``batch``; raises ``TypeError`` for leaves that are not tensors (they would need pickle)."""
         entries = []
-        for key, value in batch.items(include_nested=True, leaves_only=True):
+        # Non-tensor leaves are listed too (by default they are skipped), so they fail loudly instead of vanishing.
+        for key, value in batch.items(include_nested=True, leaves_only=True, is_leaf=is_leaf_nontensor):
             path = (key,) if isinstance(key, str) else tuple(key)
-            if not isinstance(value, torch.Tensor) or type(value).__name__ in ("NonTensorData", "NonTensorStack"):
+            if is_non_tensor(value) or not isinstance(value, torch.Tensor):
                 raise TypeError(
                     f"Experience leaf {_display(path)} is a {type(value).__name__}, not a tensor: only tensors can be"
                     " sent (encode strings or objects as tensors)"
@@ -430,7 +431,8 @@ class ExperienceStream:
             batches.append(batch)
         return batches
 
-    def __len__(self) -> int:
+    @property
+    def queued(self) -> int:
         """Batches received and waiting to be taken."""
         with self._cond:
             return len(self._queue)

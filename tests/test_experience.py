@@ -26,7 +26,8 @@ from _experience_workers import (
     streaming_worker,
 )
 from fabric_weightsync import WeightSyncCallback, WeightSyncStrategy, WorkerFailedError
-from fabric_weightsync.experience import ExperienceError
+from fabric_weightsync.experience import ExperienceError, ExperienceSchema, _Layout, _storage
+from tensordict import NonTensorData, TensorDict
 
 
 def free_port() -> int:
@@ -137,7 +138,7 @@ def train_slowly(fabric: Fabric, out_dir: str, takes: int, capacity: int, pause:
     for taken in range(1, takes + 1):
         time.sleep(pause)  # a slow learner: the workers are far faster
         next(stream)
-        samples.append({"received": stream.received, "taken": taken, "in_use": stream.in_use, "queued": len(stream)})
+        samples.append({"received": stream.received, "taken": taken, "in_use": stream.in_use, "queued": stream.queued})
         optimizer_step(fabric, model, optimizer)
     write_json(Path(out_dir, "rank0.json"), {"samples": samples, "received": stream.received})
 
@@ -186,7 +187,7 @@ def train_with_staleness(fabric: Fabric, out_dir: str, takes: int, max_staleness
             break
     write_json(
         Path(out_dir, "rank0.json"),
-        {"lags": lags, "dropped": stream.dropped, "received": stream.received, "queued": len(stream)},
+        {"lags": lags, "dropped": stream.dropped, "received": stream.received, "queued": stream.queued},
     )
 
 
@@ -294,3 +295,30 @@ def test_worker_failure_reaches_the_waiting_trainer(tmp_path: Path) -> None:
     error = read_json(tmp_path / "rank0.json")["error"]
     assert error is not None and error.startswith("WorkerFailedError")
     assert "injected failure in worker 0" in error
+
+
+# ---------------------------------------------------------------------------------------------------- schema, in process
+def test_schema_round_trips_as_json_and_both_ends_agree_on_the_layout() -> None:
+    batch = make_batch(3, 7, 11)
+    batch["scalar"] = torch.zeros(5, 3, dtype=torch.float16)
+    batch["empty"] = torch.zeros(5, 3, 0)
+    schema = ExperienceSchema.of(batch)
+    assert ExperienceSchema.from_json(schema.to_json()) == schema
+    # What the worker stages and what the trainer unpacks from the same bytes must be the same batch.
+    wire = schema.make_wire()
+    for path in schema.paths:
+        wire["data"].get(path).copy_(batch.get(path))
+    wire["version"].fill_(11)
+    wire["worker_id"].fill_(3)
+    received = _Layout(ExperienceSchema.from_json(schema.to_json())).unpack(_storage(wire).clone())
+    assert (received.worker_id, received.version) == (3, 11)
+    assert received.data.batch_size == batch.batch_size
+    for path in schema.paths:
+        assert received.data.get(path).dtype == batch.get(path).dtype
+        assert torch.equal(received.data.get(path), batch.get(path)), path
+
+
+def test_non_tensor_leaves_are_refused_not_dropped() -> None:
+    batch = TensorDict({"obs": torch.zeros(3), ("info", "name"): NonTensorData("cartpole")}, batch_size=[])
+    with pytest.raises(TypeError, match=r"\('info', 'name'\) is a NonTensorData"):
+        ExperienceSchema.of(batch)
