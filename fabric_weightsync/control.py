@@ -33,6 +33,11 @@ def exit_key(rank: int) -> str:
     return f"NODE_{rank}_exit"
 
 
+def evicted_key(rank: int) -> str:
+    """Set by rank 0 when it gives up on a worker that may still be alive; the worker then reconnects."""
+    return f"NODE_{rank}_evicted"
+
+
 def open_client(host: str, port: int, timeout: float) -> dist.TCPStore:
     """A new client connection; retries connecting until ``timeout`` (the server may not be up yet)."""
     return dist.TCPStore(host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout))

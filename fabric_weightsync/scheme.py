@@ -22,7 +22,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from fabric_weightsync.channels import SharedWireBuffer, new_run_id
-from fabric_weightsync.control import ControlPlane, error_key, exit_key, heartbeat_key
+from fabric_weightsync.control import ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport, TransportAborted, TransportError, TransportTimeout
 from fabric_weightsync.weights import (
     CHECKSUM_KEY,
@@ -266,6 +266,10 @@ class WeightSyncScheme:
             self._cond.notify_all()
         log.warning("fabric_weightsync: inference worker %d %s: %s", worker_id, "failed" if error else "left", reason)
         self._links[worker_id].abort()
+        try:  # a worker that is only slow or was cut off reconnects (full resync) when it sees this
+            self.control.client().set(evicted_key(status.rank), reason.encode())
+        except Exception:  # the store is shutting down with the trainer
+            pass
 
     @property
     def closing(self) -> bool:

@@ -1,5 +1,6 @@
 """The inference-worker side: what ``worker_fn`` receives, the collector-side callback, and the process body."""
 
+import logging
 import os
 import sys
 import threading
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch import nn
 
-from fabric_weightsync.control import ControlPlane, STOP_KEY, error_key, exit_key, heartbeat_key
+from fabric_weightsync.control import STOP_KEY, ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport
 from fabric_weightsync.weights import WeightStrategy
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from tensordict import TensorDictBase
 
     from fabric_weightsync.experience import ExperienceSender
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 0.5
 """Seconds between a worker's heartbeats."""
@@ -38,11 +41,29 @@ class WeightReceiver:
     half-updated. ``version`` is the trainer's optimizer-step count of the applied weights and only grows.
     """
 
-    def __init__(self, transport: DistributedTransport, policy: nn.Module, strategy: WeightStrategy, context: "WorkerContext") -> None:
-        self._transport = transport
+    def __init__(self, policy: nn.Module, strategy: WeightStrategy, context: "WorkerContext") -> None:
         self._policy = policy
         self._strategy = strategy
         self._context = context
+        self._transport = self._connect()
+
+    def _connect(self) -> DistributedTransport:
+        context = self._context
+        transport = DistributedTransport(
+            weights_buffer=self._policy, store=context.control.client(), rank=context.rank, backend=context.backend, timeout=context.timeout
+        )
+        transport.setup_connection_and_weights_on_receiver(worker_idx=context.worker_id, model=self._policy, strategy=self._strategy)
+        return transport
+
+    def _rejoin_if_evicted(self) -> None:
+        """Rank 0 gave up on this worker (heartbeat too old, transfer timed out): reconnect with a full resync."""
+        context = self._context
+        if context.evicted:
+            log.warning("fabric_weightsync: worker %d was evicted by the trainer; reconnecting", context.worker_id)
+            context.control.store.delete_key(evicted_key(context.rank))
+            context.evicted = False
+            self._transport.close()
+            self._transport = self._connect()
 
     @property
     def version(self) -> int:
@@ -50,6 +71,7 @@ class WeightReceiver:
 
     def poll(self) -> bool:
         """Apply a pending update if there is one, without waiting; returns whether one was applied."""
+        self._rejoin_if_evicted()
         return self._transport.receive_weights(0.0, model=self._policy, strategy=self._strategy) is not None
 
     def wait_for_update(self, timeout: float) -> bool:
@@ -60,6 +82,7 @@ class WeightReceiver:
             if remaining <= 0 or self._context.stop_requested:
                 return False
             step = min(remaining, 0.1)
+            self._rejoin_if_evicted()
             if self._transport.receive_weights(step, model=self._policy, strategy=self._strategy) is not None:
                 return True
 
@@ -90,6 +113,7 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self._stop = False
+        self.evicted = False
         self._receiver: Optional[WeightReceiver] = None
         self._sender: Optional["ExperienceSender"] = None
 
@@ -106,12 +130,7 @@ class WorkerContext:
         """
         if self._receiver is not None:
             raise RuntimeError(f"Worker {self.worker_id} is already connected")
-        strategy = strategy or WeightStrategy()
-        transport = DistributedTransport(
-            weights_buffer=policy, store=self.control.client(), rank=self.rank, backend=self.backend, timeout=self.timeout
-        )
-        transport.setup_connection_and_weights_on_receiver(worker_idx=self.worker_id, model=policy, strategy=strategy)
-        self._receiver = WeightReceiver(transport, policy, strategy, self)
+        self._receiver = WeightReceiver(policy, strategy or WeightStrategy(), self)
         return self._receiver
 
     def send(self, batch: "TensorDictBase", *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
@@ -163,11 +182,13 @@ class _Heartbeat(threading.Thread):
         while not self._stopped.wait(HEARTBEAT_INTERVAL):
             try:
                 self._store.add(key, 1)
+                self.context.evicted = self.context.evicted or self._store.check([evicted_key(self.context.rank)])
                 failing_since = None
             except Exception:
                 now = time.monotonic()
                 failing_since = failing_since or now
-                self.context.request_local_stop()
+                if now - failing_since > 2 * HEARTBEAT_INTERVAL:  # one slow call is not a lost trainer
+                    self.context.request_local_stop()
                 if now - failing_since > TRAINER_LOST_TIMEOUT:
                     print(
                         f"[fabric_weightsync] worker {self.context.worker_id}: training rank 0 unreachable for"
@@ -181,7 +202,7 @@ class _Heartbeat(threading.Thread):
 def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerContext) -> None:
     """Run ``worker_fn`` with heartbeats; report an exception to the trainer (then re-raise it) and the exit."""
     store = context.control.store
-    for stale in (error_key(context.rank), exit_key(context.rank)):  # left by this worker id's previous process
+    for stale in (error_key(context.rank), exit_key(context.rank), evicted_key(context.rank)):  # a previous process's
         store.delete_key(stale)
     heartbeat = _Heartbeat(context)
     heartbeat.start()
