@@ -1,0 +1,159 @@
+"""One tiny training run for every launch mode of the tests: python script, spawn/fork, torchrun and SLURM.
+
+Training ranks print what the tests check about their world (ranks, gradient averaging, barrier, all_reduce,
+sampler split) and save their final weights; workers record every version they applied and save their final
+weights, so the test can compare tensors exactly. Lines look like ``TAG key=value ...`` with JSON values.
+
+    python fws_train.py --out DIR [--launch popen|spawn|fork] [--devices 2] [--workers 2] [--nodes 1]
+                        [--steps 6] [--worker-mode ok|raise|mismatch] [--strategy object|registry]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fabric_weightsync import WeightSyncCallback, WeightSyncStrategy
+
+torch.set_num_threads(1)
+
+HIDDEN = 16
+MISMATCHED_HIDDEN = 8
+FAILURE_STEP_BUDGET = 600
+"""Default steps of a run with a failing worker: it must stop at the push that sees the failure, long before."""
+
+DATASET_SIZE = 8
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--launch", choices=["popen", "spawn", "fork"], default="popen")
+    parser.add_argument("--strategy", choices=["object", "registry"], default="object")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="default: 6, or a long budget with a failing worker")
+    parser.add_argument("--worker-mode", choices=["ok", "raise", "mismatch"], default="ok")
+    return parser.parse_args()
+
+
+def emit(tag: str, **fields) -> None:
+    # One write per line so lines of concurrent processes sharing the pipe never interleave.
+    line = tag + "".join(f" {k}={json.dumps(v, separators=(',', ':'))}" for k, v in fields.items())
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def make_policy(hidden: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+
+
+def checksum(module: nn.Module) -> float:
+    return float(sum(p.double().sum() for p in module.state_dict().values()))
+
+
+def worker(ctx) -> None:
+    args = parse_args()
+    emit(
+        "WORKER_START",
+        worker_id=ctx.worker_id, num_workers=ctx.num_workers, global_rank=ctx.global_rank,
+        local_rank=ctx.local_rank, node_rank=ctx.node_rank, pid=os.getpid(),
+    )  # fmt: skip
+    hidden = MISMATCHED_HIDDEN if args.worker_mode == "mismatch" else HIDDEN
+    # A seed unlike the trainer's: equal weights at the end can only come from a transfer.
+    policy = make_policy(hidden, seed=1000 + ctx.worker_id)
+    identity = [p.data_ptr() for p in policy.parameters()]
+    rx = ctx.connect(policy)
+    if args.worker_mode == "raise" and ctx.worker_id == 0:
+        raise RuntimeError(f"injected failure in inference worker {ctx.worker_id}")
+    versions = [rx.version]
+    while not ctx.stop_requested:
+        if rx.wait_for_update(1.0):
+            versions.append(rx.version)
+    out = Path(args.out)
+    torch.save(
+        {"versions": versions, "weights": {k: v.clone() for k, v in policy.state_dict().items()}},
+        out / f"worker{ctx.worker_id}.pt",
+    )
+    emit(
+        "WORKER_DONE",
+        worker_id=ctx.worker_id, final_version=rx.version, versions=versions, checksum=checksum(policy),
+        params_kept_identity=identity == [p.data_ptr() for p in policy.parameters()],
+    )  # fmt: skip
+
+
+def train(fabric: Fabric) -> None:
+    args = parse_args()
+    out = Path(args.out)
+    rank, world = fabric.global_rank, fabric.world_size
+    emit(
+        "TRAIN_START",
+        rank=rank, world_size=world, local_rank=fabric.local_rank, node_rank=fabric.node_rank, pid=os.getpid(),
+        default_group_size=torch.distributed.get_world_size(), strategy=type(fabric.strategy).__name__,
+        worker_fn=f"{fabric.strategy.worker_fn.__module__}:{fabric.strategy.worker_fn.__name__}",
+    )  # fmt: skip
+    raw = make_policy(HIDDEN, seed=0)
+    model, optimizer = fabric.setup(raw, torch.optim.SGD(raw.parameters(), lr=0.05))
+
+    scheme = fabric.strategy.scheme
+    if rank == 0:
+        # The collectives below are meant to run while the workers are up and connected.
+        scheme.flush(60)
+        emit("CONNECTED", delivered=[w.delivered_version for w in scheme.workers], alive=[w.alive for w in scheme.workers])
+
+    # A second module: the first one set up is the synced policy, this one only probes gradient averaging.
+    probe = fabric.setup_module(nn.Linear(3, 1, bias=False))
+    fabric.backward(probe(torch.ones(1, 3)).sum() * (rank + 1))
+    emit("GRAD", rank=rank, grad=probe.weight.grad.flatten().tolist())
+
+    fabric.barrier()
+    emit("BARRIER", rank=rank)
+    total = fabric.all_reduce(torch.tensor(float(rank + 1)), reduce_op="sum")
+    emit("ALL_REDUCE", rank=rank, sum=float(total))
+
+    loader = fabric.setup_dataloaders(DataLoader(TensorDataset(torch.arange(DATASET_SIZE)), batch_size=1))
+    emit(
+        "SAMPLER",
+        rank=rank, num_replicas=loader.sampler.num_replicas, sampler_rank=loader.sampler.rank,
+        indices=[int(batch[0]) for (batch,) in loader],
+    )  # fmt: skip
+
+    steps = args.steps if args.steps is not None else (6 if args.worker_mode == "ok" else FAILURE_STEP_BUDGET)
+    generator = torch.Generator().manual_seed(rank)
+    for step in range(steps):
+        loss = model(torch.randn(8, 4, generator=generator)).pow(2).mean()
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        time.sleep(0.05)  # so workers see several versions, and a failing worker is noticed mid-run
+    torch.save({k: v.clone() for k, v in raw.state_dict().items()}, out / f"trainer{rank}.pt")
+    emit("TRAIN_DONE", rank=rank, steps=steps, policy_version=fabric.strategy.policy_version, checksum=checksum(raw))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.strategy == "registry":
+        strategy = "ddp_weightsync_spawn" if args.launch == "spawn" else "ddp_weightsync"
+    else:
+        strategy = WeightSyncStrategy(worker, inference_workers=args.workers, start_method=args.launch, sync_timeout=30)
+    fabric = Fabric(
+        accelerator="cpu", devices=args.devices, num_nodes=args.nodes, strategy=strategy, callbacks=[WeightSyncCallback()]
+    )
+    if args.launch == "popen":
+        fabric.launch()
+        train(fabric)
+    else:
+        fabric.launch(train)
+
+
+if __name__ == "__main__":
+    main()
