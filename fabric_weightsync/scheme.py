@@ -53,6 +53,10 @@ class WorkerStatus:
     delivered_version: int = -1
     alive: bool = True
     error: Optional[str] = None
+    connected: bool = False
+    beat: Optional[int] = None
+    """Last heartbeat count seen, and when it was first seen (monotonic); reset when the worker (re)joins."""
+    beat_seen_at: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -249,9 +253,11 @@ class WeightSyncScheme:
     def worker_joined(self, status: WorkerStatus) -> None:
         """A worker (re)connected: serve it again from the newest version."""
         with self._cond:
+            status.connected = True
             if status.alive and status.error is None:
                 return
             status.alive, status.error, status.delivered_version = True, None, -1
+            status.beat = None  # the dead process's last beat says nothing about the new one
             self._raised.discard(status.worker_id)
         log.warning("fabric_weightsync: inference worker %d rejoined", status.worker_id)
 
@@ -423,20 +429,19 @@ class _HeartbeatMonitor(threading.Thread):
         self.join(timeout=5)
 
     def run(self) -> None:
-        last_beat: dict[int, tuple[int, float]] = {}
         while not self._stopped.wait(self.interval):
             now = time.monotonic()
             for status in self.scheme.workers:
                 if not status.alive:
                     continue
                 try:
-                    reason = self._check(status, last_beat, now)
+                    reason = self._check(status, now)
                 except Exception:  # store shutting down with the trainer
                     return
                 if reason:
                     self.scheme.worker_failed(status.worker_id, reason)
 
-    def _check(self, status: WorkerStatus, last_beat: dict[int, tuple[int, float]], now: float) -> Optional[str]:
+    def _check(self, status: WorkerStatus, now: float) -> Optional[str]:
         store = self._store
         if store.check([error_key(status.rank)]):
             return "it raised:\n" + store.get(error_key(status.rank)).decode(errors="replace")
@@ -447,10 +452,12 @@ class _HeartbeatMonitor(threading.Thread):
                 return None
             return f"its process exited with code {code}"
         beat = store.add(heartbeat_key(status.rank), 0)
-        previous = last_beat.get(status.worker_id)
-        if previous is None or beat != previous[0]:
-            last_beat[status.worker_id] = (beat, now)
+        if beat != status.beat:
+            status.beat, status.beat_seen_at = beat, now
             return None
-        if beat > 0 and now - previous[1] > self.scheme.heartbeat_timeout:
-            return f"no heartbeat for {now - previous[1]:.1f}s (process killed or hung)"
+        # A worker that connected has been beating since before its connect; one that never connected may
+        # still be starting up (imports, building envs), which is not a failure.
+        silent = now - status.beat_seen_at
+        if status.connected and silent > self.scheme.heartbeat_timeout:
+            return f"no heartbeat for {silent:.1f}s (process killed or hung)"
         return None

@@ -120,6 +120,8 @@ class DistributedTransport:
     ) -> None:
         if channel not in ("group", "shm", "auto"):
             raise ValueError(f"channel must be 'group', 'shm' or 'auto', got {channel!r}")
+        if store is not None:  # gets and waits without an explicit timeout use the client's: make it ours
+            store.set_timeout(timedelta(seconds=timeout))
         self._store = store
         self._rank = rank
         self._sync = sync
