@@ -21,7 +21,6 @@ _START = time.time()  # "wall time" in the summary counts from here, imports inc
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 from collections import deque  # noqa: E402
 from dataclasses import MISSING, asdict, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -55,7 +54,7 @@ class Args:
     total_timesteps: int = arg(500_000, "env-step budget (steps consumed by the trainer)")
     env_latency_ms: float = arg(0.0, "extra sleep per env step, in ms, to emulate a slow simulator")
     batches_per_update: int = arg(0, "rollouts per PPO update on each training rank (0: one per worker of the rank)")
-    learning_rate: float = arg(1e-3, "Adam learning rate")
+    learning_rate: float = arg(2.5e-3, "Adam learning rate")
     anneal_lr: bool = arg(True, "anneal the learning rate linearly to 0 over total_timesteps")
     gamma: float = arg(0.99, "discount factor")
     gae_lambda: float = arg(0.95, "GAE lambda")
@@ -70,7 +69,7 @@ class Args:
     target_kl: Optional[float] = arg(None, "stop an update's epochs early above this approx KL")
     recompute_values: bool = arg(True, "recompute values with the current critic for GAE (fresher than the workers')")
     hidden_size: int = arg(64, "hidden units of the actor and critic MLPs")
-    capacity: int = arg(0, "rollouts a training rank buffers at most; workers block beyond (0: 2 per worker)")
+    capacity: int = arg(0, "rollouts a training rank buffers at most; workers block beyond (0: one per worker)")
     max_staleness: int = arg(-1, "drop rollouts more than this many policy versions old (-1: keep all)")
     solve_return: float = arg(475.0, "mean episodic return that counts as solved")
     solve_window: int = arg(20, "episodes averaged for the solve check")
@@ -251,8 +250,11 @@ def train(fabric: Fabric, args: Args) -> dict:
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     agent, optimizer = fabric.setup(agent, optimizer)
     strategy: WeightSyncStrategy = fabric.strategy
+    my_workers = len(range(fabric.global_rank, strategy.layout.num_workers, fabric.world_size))  # worker i -> rank i % world
+    # One buffered rollout per worker keeps the policy lag low; the workers outpace the learner anyway.
     stream = strategy.experience(
-        capacity=args.capacity or None, max_staleness=None if args.max_staleness < 0 else args.max_staleness
+        capacity=args.capacity or max(1, my_workers),
+        max_staleness=None if args.max_staleness < 0 else args.max_staleness,
     )
     per_update = args.batches_per_update or len(stream.worker_ids)
     steps_per_batch = args.num_steps * args.num_envs
@@ -478,5 +480,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
