@@ -55,6 +55,7 @@ _STOP_CHECK_INTERVAL = 0.05
 """Seconds between checks of the stop flag (and weight polls) while a worker waits for the training rank."""
 _END_GRACE = 5.0
 """Seconds to wait for a peer's exit report, or for the stop flag, after its connection dropped."""
+_RECONNECTED = "reconnected"
 
 Path = tuple[str, ...]
 
@@ -209,12 +210,17 @@ class _Layout:
         return ExperienceBatch(data=data, worker_id=worker, version=version)
 
 
-def _key(worker_id: int, name: str) -> str:
-    return f"fws/expctl/{worker_id}/{name}"
+def _epoch_key(worker_id: int) -> str:
+    """Counts the worker's connections: a replacement process under the same id gets fresh keys and a fresh group."""
+    return f"fws/expctl/{worker_id}/epoch"
 
 
-def _group_name(worker_id: int) -> str:
-    return f"fws/exp/{worker_id}"
+def _key(worker_id: int, epoch: int, name: str) -> str:
+    return f"fws/expctl/{worker_id}/{epoch}/{name}"
+
+
+def _group_name(worker_id: int, epoch: int) -> str:
+    return f"fws/exp/{worker_id}/{epoch}"
 
 
 # ---------------------------------------------------------------------------------------------------- worker side
@@ -233,6 +239,7 @@ class ExperienceSender:
         self._wire: Optional[TensorDict] = None
         self._leaves: list[torch.Tensor] = []
         self._group: Optional[dist.ProcessGroup] = None
+        self._epoch = 0
         self._failed: Optional[str] = None
         self._over = False
         self.sent = 0
@@ -261,7 +268,8 @@ class ExperienceSender:
         if self._group is None and not self._connect(schema, deadline, timeout):
             return False
         self._stage(batch, version)
-        if not self._wait_for(_key(self.ctx.worker_id, "credit"), deadline, timeout, "to make room for a batch (its queue stays full: the trainer consumes slower than the workers produce)", take=True):
+        waiting_for = "to make room for a batch (its queue stays full: the trainer consumes slower than the workers produce)"
+        if not self._wait_for(_key(self.ctx.worker_id, self._epoch, "credit"), deadline, timeout, waiting_for, take=True):
             return False
         try:
             self._group.send([_storage(self._wire)], 1, _TAG).wait(timedelta(seconds=max(timeout, 1.0)))
@@ -283,14 +291,15 @@ class ExperienceSender:
         self._schema = schema
         self._wire = schema.make_wire()
         self._leaves = [self._wire[DATA_KEY].get(path) for path in schema.paths]
-        self._store.set(_key(wid, "schema"), schema.to_json().encode())
+        self._epoch = int(self._store.add(_epoch_key(wid), 1))
+        self._store.set(_key(wid, self._epoch, "schema"), schema.to_json().encode())
         what = (
             f"to open its experience stream (training rank {self.target_rank} must call fabric.strategy.experience()"
             f" to receive from worker {wid})"
         )
-        if not self._wait_for(_key(wid, "accept"), deadline, timeout, what, take=False):
+        if not self._wait_for(_key(wid, self._epoch, "accept"), deadline, timeout, what, take=False):
             return False
-        self._group = new_pair_group(self._store, _group_name(wid), 0, "gloo", self.ctx.timeout)
+        self._group = new_pair_group(self._store, _group_name(wid, self._epoch), 0, "gloo", self.ctx.timeout)
         return True
 
     def _stage(self, batch: TensorDictBase, version: int) -> None:
@@ -516,13 +525,21 @@ class ExperienceStream:
                 self._unreported.append(worker_id)
             self._cond.notify_all()
 
+    def _worker_joined(self, worker_id: int) -> None:
+        with self._cond:
+            self._ended.pop(worker_id, None)
+
     @property
     def closing(self) -> bool:
         return self._closing
 
 
 class _WorkerReceiver(threading.Thread):
-    """Receives one worker's batches: accept its schema, then one posted receive (and one credit) per free slot."""
+    """Receives one worker's batches: accept its schema, then one posted receive (and one credit) per free slot.
+
+    Serves each connection (epoch) of the worker in turn, so a replacement process under the same worker id is
+    received from again.
+    """
 
     def __init__(self, stream: ExperienceStream, worker_id: int, store: dist.Store, timeout: float) -> None:
         super().__init__(name=f"fws-experience-{worker_id}", daemon=True)
@@ -532,40 +549,67 @@ class _WorkerReceiver(threading.Thread):
         self.timeout = timeout
 
     def run(self) -> None:
+        served = 0
         try:
-            layout = self._accept()
-            if layout is None:
-                return
-            group = new_pair_group(self.store, _group_name(self.worker_id), 1, "gloo", self.timeout)
-            while self.stream._acquire_slot():
-                storage = torch.empty(layout.nbytes, dtype=torch.uint8)
+            while True:
+                epoch = self._next_epoch(served)
+                if epoch is None:
+                    return
+                served = epoch
                 try:
-                    work = group.recv([storage], 0, _TAG)
-                    self.store.set(_key(self.worker_id, "credit"), b"1")
-                    work.wait(_FOREVER)
-                except BaseException:
-                    self.stream._release_slot()
-                    raise
-                self.stream._deliver(layout.unpack(storage))
-        except Exception as err:  # noqa: BLE001 - whatever ended the link, the stream must learn why
-            self.stream._worker_ended(self.worker_id, self._why_ended(err))
+                    self._serve(epoch)
+                except Exception as err:  # noqa: BLE001 - whatever ended the connection, the stream must learn why
+                    reason = self._why_ended(err, epoch)
+                    if reason is not _RECONNECTED:  # a reconnecting worker never counts as gone
+                        self.stream._worker_ended(self.worker_id, reason)
+                finally:
+                    for name in ("schema", "accept", "credit"):
+                        self.store.delete_key(_key(self.worker_id, epoch, name))
+        except Exception:  # the store went away with training rank 0: training is over
+            return
 
-    def _accept(self) -> Optional[_Layout]:
-        """Wait for the worker's schema (or its end) and accept it; ``None`` when it ended or the stream closed."""
-        key = _key(self.worker_id, "schema")
+    def _next_epoch(self, served: int) -> Optional[int]:
+        """Wait for a connection newer than ``served``; report a worker that exits without connecting."""
         next_check = 0.0
-        while not self.store.check([key]):
-            if self.stream.closing:
-                return None
+        while not self.stream.closing:
+            epoch = int(self.store.add(_epoch_key(self.worker_id), 0))
+            if epoch > served:
+                return epoch  # the newest: a process that died before being served is skipped
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 0.25
-                ended = self._exit_report()
-                if ended is not None:
-                    self.stream._worker_ended(self.worker_id, ended or None)
-                    return None
+                report = self._exit_report()
+                if report is not None:
+                    self.stream._worker_ended(self.worker_id, report or None)
             time.sleep(0.02)
+        return None
+
+    def _serve(self, epoch: int) -> None:
+        layout = self._accept(epoch)
+        if layout is None:
+            return
+        group = new_pair_group(self.store, _group_name(self.worker_id, epoch), 1, "gloo", self.timeout)
+        credit = _key(self.worker_id, epoch, "credit")
+        while self.stream._acquire_slot():
+            storage = torch.empty(layout.nbytes, dtype=torch.uint8)
+            try:
+                work = group.recv([storage], 0, _TAG)
+                self.store.set(credit, b"1")
+                work.wait(_FOREVER)
+            except BaseException:
+                self.stream._release_slot()
+                raise
+            self.stream._deliver(layout.unpack(storage))
+
+    def _accept(self, epoch: int) -> Optional[_Layout]:
+        """Read the schema of connection ``epoch`` and accept it; ``None`` if the stream closed or a newer one came."""
+        key = _key(self.worker_id, epoch, "schema")
+        while not self.store.check([key]):  # the worker counts the epoch first, then publishes its schema
+            if self.stream.closing or int(self.store.add(_epoch_key(self.worker_id), 0)) > epoch:
+                return None
+            time.sleep(0.01)
         layout = _Layout(ExperienceSchema.from_json(self.store.get(key)))
-        self.store.set(_key(self.worker_id, "accept"), b"1")
+        self.stream._worker_joined(self.worker_id)
+        self.store.set(_key(self.worker_id, epoch, "accept"), b"1")
         return layout
 
     def _exit_report(self) -> Optional[str]:
@@ -578,13 +622,16 @@ class _WorkerReceiver(threading.Thread):
             return "" if code == "0" else f"its process exited with code {code}"
         return None
 
-    def _why_ended(self, err: Exception) -> Optional[str]:
-        """``None`` for a normal end (worker finished, training stopping), else what went wrong."""
+    def _why_ended(self, err: Exception, epoch: int) -> Optional[str]:
+        """``None`` for a normal end (worker finished, training stopping), :data:`_RECONNECTED` if a newer
+        connection of the worker superseded this one, else what went wrong."""
         if self.stream.closing:
             return None
         end = time.monotonic() + _END_GRACE
         try:
             while True:
+                if int(self.store.add(_epoch_key(self.worker_id), 0)) > epoch:
+                    return _RECONNECTED
                 report = self._exit_report()
                 if report is not None:
                     return report or None

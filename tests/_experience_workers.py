@@ -3,6 +3,7 @@
 Workers write what they did to ``out_dir/worker{id}.json``; the tests compare it with what the trainers received.
 """
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -125,3 +126,21 @@ def failing_worker(ctx, out_dir: str) -> None:
     for seq in range(2):
         ctx.send(make_batch(ctx.worker_id, seq, rx.version))
     raise RuntimeError(f"injected failure in worker {ctx.worker_id}")
+
+
+def reconnecting_worker(ctx, out_dir: str) -> None:
+    """Sends two batches, drops its connection as a dying process would, then sends two more on a new one."""
+    torch.set_num_threads(1)
+    rx = ctx.connect(make_policy())
+    for seq in range(2):
+        ctx.send(make_batch(ctx.worker_id, seq, rx.version))
+    # What a replacement process under the same worker id looks like to the trainer: the old group's sockets
+    # close, and a new sender connects afresh.
+    ctx._sender._group = None
+    ctx._sender = None
+    gc.collect()
+    for seq in range(2, 4):
+        ctx.send(make_batch(ctx.worker_id, seq, rx.version))
+    while not ctx.stop_requested:
+        rx.poll()
+        time.sleep(0.02)

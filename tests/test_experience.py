@@ -23,6 +23,7 @@ from _experience_workers import (
     failing_worker,
     make_batch,
     make_policy,
+    reconnecting_worker,
     streaming_worker,
 )
 from fabric_weightsync import WeightSyncCallback, WeightSyncStrategy, WorkerFailedError
@@ -295,6 +296,23 @@ def test_worker_failure_reaches_the_waiting_trainer(tmp_path: Path) -> None:
     error = read_json(tmp_path / "rank0.json")["error"]
     assert error is not None and error.startswith("WorkerFailedError")
     assert "injected failure in worker 0" in error
+
+
+def train_across_reconnect(fabric: Fabric, out_dir: str) -> None:
+    setup_model(fabric)
+    stream = fabric.strategy.experience()
+    batches = stream.get(4, timeout=30)
+    write_json(Path(out_dir, "rank0.json"), {"seqs": [batch_seq(b.data) for b in batches], "dropped": stream.dropped})
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_reconnects_is_received_from_again(tmp_path: Path) -> None:
+    """A new connection under the same worker id (a replacement process) gets a fresh group; nothing is lost and
+    the old connection's end is not reported as a failure."""
+    worker = functools.partial(reconnecting_worker, out_dir=str(tmp_path))
+    _, wall = launch(train_across_reconnect, worker, devices=1, workers=1, out_dir=str(tmp_path))
+    assert read_json(tmp_path / "rank0.json")["seqs"] == [0, 1, 2, 3]
+    assert wall < 15
 
 
 # ---------------------------------------------------------------------------------------------------- schema, in process
