@@ -1,7 +1,7 @@
 """The experience path: batches of experience from inference workers back to the training ranks.
 
 Worker ``i`` sends to training rank ``i % num_training_ranks`` over a standalone two-rank gloo group of its own
-(the worker is rank 0, the training rank rank 1), built on the control store as ``fws/exp/{i}``:
+(the worker is rank 0, the training rank rank 1), built on the control store as ``fws/exp/{i}/{epoch}``:
 
 - one message per batch: both ends lay a batch out the same way, a consolidated ``TensorDict`` holding the
   batch's leaves under their sorted keys plus the policy version and the worker id, and the batch travels as
@@ -16,8 +16,10 @@ Worker ``i`` sends to training rank ``i % num_training_ranks`` over a standalone
   stalls the trainer's final weight delivery and it returns (``False``) once training stops.
 - a batch whose layout differs from that worker's first batch is rejected in ``send`` before anything moves.
 
-Store keys for worker ``i`` (under ``fws/expctl/{i}/``): ``schema`` (JSON, set by the worker), ``accept``
-(the training rank built its buffers and joins the group), ``credit`` (a receive is posted: send one batch).
+Store keys for worker ``i`` (under ``fws/expctl/{i}/``): ``epoch`` counts the worker's connections (a
+replacement process under the same id is a new epoch, with fresh keys and a fresh group); per epoch ``e``,
+``{e}/schema`` (JSON, set by the worker), ``{e}/accept`` (the training rank built its buffers and joins the
+group) and ``{e}/credit`` (a receive is posted: send one batch).
 """
 
 import json
@@ -56,6 +58,7 @@ _STOP_CHECK_INTERVAL = 0.05
 _END_GRACE = 5.0
 """Seconds to wait for a peer's exit report, or for the stop flag, after its connection dropped."""
 _RECONNECTED = "reconnected"
+"""Why a connection ended when a newer connection of the same worker superseded it: not a failure."""
 
 Path = tuple[str, ...]
 
