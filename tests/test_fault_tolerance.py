@@ -101,9 +101,12 @@ class Proc:
         return self.popen.returncode
 
     def _read(self) -> None:
-        for raw in self.popen.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self._launch._line(self, line)
+        with open(self._launch.out_dir / f"{self.name}.out", "w") as copy:  # for a post-mortem of a failed run
+            for raw in self.popen.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                copy.write(line + "\n")
+                copy.flush()
+                self._launch._line(self, line)
 
     def _wait(self) -> None:
         self.popen.wait()
@@ -182,12 +185,12 @@ class Launch:
             time.sleep(0.1)
 
     # -------------------------------------------------------------- queries
-    def find(self, ev: str, **match) -> list[dict]:
+    def find(self, ev: str, pred: Callable[[dict], bool] = lambda e: True, **match) -> list[dict]:
         with self._cond:
-            return [e for e in self.events if e["ev"] == ev and all(e.get(k) == v for k, v in match.items())]
+            return [e for e in self.events if e["ev"] == ev and all(e.get(k) == v for k, v in match.items()) and pred(e)]
 
-    def one(self, ev: str, **match) -> dict:
-        found = self.find(ev, **match)
+    def one(self, ev: str, pred: Callable[[dict], bool] = lambda e: True, **match) -> dict:
+        found = self.find(ev, pred, **match)
         assert len(found) == 1, f"expected one {ev} {match}, got {found}\n{self.describe()}"
         return found[0]
 
@@ -311,6 +314,20 @@ def slurm_run(launch: Launch, ntasks: int, *args) -> list[Proc]:
     return [launch.start_script(f"task{rank}", list(args), env) for rank, env in enumerate(envs)]
 
 
+def library_log(proc: Proc) -> list[tuple[float, str]]:
+    """``(time, message)`` of the library's log lines (the fault script stamps each with when it was logged)."""
+    found = []
+    for line in proc.stderr().splitlines():
+        match = re.match(r"FWSLOG (\d+\.\d+) \S+ (.*)", line)
+        if match:
+            found.append((float(match.group(1)), match.group(2)))
+    return found
+
+
+def first_log(proc: Proc, pattern: str) -> Optional[tuple[float, str]]:
+    return next(((t, msg) for t, msg in library_log(proc) if re.search(pattern, msg)), None)
+
+
 def kill(pid: int) -> float:
     os.kill(pid, signal.SIGKILL)
     return time.time()
@@ -322,10 +339,10 @@ def kill(pid: int) -> float:
 def test_worker_killed_mid_receive_training_continues(launch, transport):
     """A worker SIGKILLed in the middle of receiving a 64 MB update: the trainer never waits on it, the survivor
     ends on the last version, and rank 0 declares the dead worker within a bounded time."""
-    steps = 80
+    steps = 60
     trainer = popen_run(
-        launch, "--transport", transport, "--on-failure", "continue", "--heartbeat-timeout", HEARTBEAT_TIMEOUT,
-        "--big-mb", 64, "--steps", steps, "--step-sleep", 0.05, "--behaviour", "0=kill_self:3,1=poll",
+        launch, "--transport", transport, "--on-failure", "continue", "--big-mb", 64, "--steps", steps,
+        "--step-sleep", 0.05, "--behaviour", "0=kill_self:3,1=poll",
     )  # fmt: skip
     launch.wait_all(75)
     assert trainer.returncode == 0, launch.describe()
@@ -335,9 +352,11 @@ def test_worker_killed_mid_receive_training_continues(launch, transport):
     # The kill fired inside a receive that had not finished yet (the hook cancels any that would land later).
     assert killed["into_receive"] < killed["median_receive"] * 1.5, killed
 
-    declared = launch.wait_for("WORKER_STATUS", 0, lambda e: e["alive"][0] is False)
-    detection = declared["t"] - killed["t"]
-    assert detection < HEARTBEAT_TIMEOUT + 2.0, f"worker 0 declared dead {detection:.1f}s after its death"
+    declared = first_log(trainer, r"inference worker 0 failed")
+    assert declared is not None, launch.describe()
+    detection = declared[0] - killed["t"]
+    # The launcher reports a dead child within its 0.2 s poll: no heartbeat timeout to wait out.
+    assert detection < 2.5, f"worker 0 declared dead {detection:.1f}s after its death"
 
     final = launch.one("FINAL")
     assert final["latest"] == steps
@@ -360,57 +379,87 @@ def test_worker_killed_mid_receive_training_continues(launch, transport):
     launch.assert_no_survivors()
 
 
-@pytest.mark.timeout(90)
-def test_worker_killed_mid_rollout_fails_run_naming_worker(launch):
-    """SLURM-style (no launcher watches the worker, only its heartbeat): a worker SIGKILLed during a rollout
-    fails the run under ``on_worker_failure="raise"`` within a bounded time, with a message naming it."""
-    procs = slurm_run(
-        launch, 3, "--on-failure", "raise", "--stop-after-failure", "--heartbeat-timeout", HEARTBEAT_TIMEOUT,
-        "--steps", 3000, "--step-sleep", 0.02, "--behaviour", "0=every:0.3,1=poll",
-    )  # fmt: skip
-    connected = launch.wait_for("WORKER_CONNECTED", 60, worker_id=0)
-    launch.wait_for("PROGRESS", 60, lambda e: e["step"] >= 20)
-    # Let it beat a few times first: a worker that dies before its first beat is test_worker_dead_before_first_heartbeat.
-    time.sleep(max(0.0, connected["t"] + 1.5 - time.time()))
-    killed_at = kill(launch.worker_pid(0))
+@pytest.fixture(scope="module")
+def slurm_faults(tmp_path_factory):
+    """SLURM-style, so no launcher watches the workers and only heartbeats tell rank 0 anything; raise policy.
 
-    failed = launch.wait_for("WORKER_FAILED_ERROR", 30)
-    detection = failed["t"] - killed_at
-    assert "Inference worker 0 failed" in failed["message"], failed
+    Worker 0 SIGKILLs itself right after its connect returned, before its heartbeat thread beat once. Worker 1
+    starts 3 s after rank 0's monitor (a slow import) and connects at once. Worker 2 is SIGKILLed by the test in
+    the middle of a rollout, 2.5 s after worker 1 connected; its failure ends the run.
+    """
+    run = Launch(tmp_path_factory.mktemp("slurm_faults") / "run")
+    try:
+        args = [
+            "--out", run.out_dir, "--workers", 3, "--on-failure", "raise", "--raise-for-worker", 2,
+            "--heartbeat-timeout", HEARTBEAT_TIMEOUT, "--until-connected", 1, "--steps", 4000, "--step-sleep", 0.02,
+            "--sync-timeout", 10, "--shutdown-timeout", 10, "--behaviour", "0=die_after_connect,1=poll_now,2=every:0.3",
+        ]  # fmt: skip
+        envs = slurm_envs(base_env(free_port()), 4)
+        cmd = [sys.executable, str(SCRIPT), *map(str, args)]
+        procs = {rank: run.start(f"task{rank}", cmd, envs[rank]) for rank in (0, 1, 3)}
+        run.wait_for("CONTROL", 90)
+        time.sleep(HEARTBEAT_TIMEOUT + 1.0)
+        procs[2] = run.start("task2", cmd, envs[2])
+        late = run.wait_for("LATE_CONNECTED", 90)
+        time.sleep(max(0.0, late["t"] + 2.5 - time.time()))  # long enough for a wrong verdict on worker 1 to show
+        killed_at = kill(run.worker_pid(2))
+        run.wait_all(60)
+        run.assert_no_survivors()
+        yield run, procs, killed_at
+    finally:
+        run.close()
+
+
+@pytest.mark.timeout(150)
+def test_worker_killed_mid_rollout_fails_run_naming_worker(slurm_faults):
+    """A worker SIGKILLed during a rollout fails the run under ``on_worker_failure="raise"`` within
+    heartbeat_timeout (plus a monitor period), with a message naming it; then every process exits."""
+    run, procs, killed_at = slurm_faults
+    failed = run.one("WORKER_FAILED_ERROR", pred=lambda e: "Inference worker 2 failed" in e["message"])
     assert "heartbeat" in failed["message"], failed
+    detection = failed["t"] - killed_at
     assert detection < HEARTBEAT_TIMEOUT + 2.5, f"the run failed {detection:.1f}s after the worker died"
     assert failed["push_max"] < 0.5, f"an optimizer step + push took {failed['push_max']:.2f}s"
-
-    launch.wait_all(30)
     trainer = procs[0]
     assert trainer.returncode not in (0, None)
-    assert "WorkerFailedError: Inference worker 0 failed" in trainer.stderr()
-    ended = max(p.exit_time for p in procs if p.pid != launch.worker_pid(0))
+    assert "WorkerFailedError: Inference worker 2 failed" in trainer.stderr()
+    ended = max(p.exit_time for p in procs.values() if p is not procs[3] and p is not procs[1])
     assert ended - killed_at < 15, f"the run took {ended - killed_at:.1f}s to end after the worker died"
     print(f"\nrun failed {detection:.2f}s after the kill (heartbeat_timeout {HEARTBEAT_TIMEOUT}s), all exited after {ended - killed_at:.1f}s")
-    launch.assert_no_survivors()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
+def test_worker_dead_before_first_heartbeat_is_detected(slurm_faults):
+    """A worker that dies before its first beat must still be declared dead within heartbeat_timeout (else the
+    final flush and the shutdown wait out their timeouts on it)."""
+    run, procs, _ = slurm_faults
+    connected = run.one("WORKER_CONNECTED", worker_id=0)
+    declared = first_log(procs[0], r"inference worker 0 failed")
+    assert declared is not None, f"worker 0 was never declared dead\n{run.describe()}"
+    detection = declared[0] - connected["t"]
+    assert detection < HEARTBEAT_TIMEOUT + 2.5, f"declared dead {detection:.1f}s after it died: {declared[1]}"
+    # Rank 0 was waiting in a flush then; the next push raised it.
+    assert run.one("WORKER_FAILED_ERROR", pred=lambda e: "Inference worker 0 failed" in e["message"])
+    print(f"\nworker dead before its first beat declared dead after {detection:.2f}s: {declared[1]}")
+
+
+@pytest.mark.timeout(150)
 @pytest.mark.xfail(
-    reason="BUG: _HeartbeatMonitor._check only declares a stale heartbeat when beat > 0, and a worker's first beat "
-    "comes HEARTBEAT_INTERVAL after it starts: a worker that dies right after connecting is never declared dead "
-    "(SLURM/torchrun; with popen the launcher reports the exit)",
+    reason="BUG (d7d2134): _HeartbeatMonitor._check times a connected worker's silence from the first time it "
+    "read the beat count (at scheme start), and a worker's first beat comes HEARTBEAT_INTERVAL after its "
+    "process started: a worker that starts more than heartbeat_timeout after the trainer is declared dead as "
+    "soon as it connects",
     strict=False,
 )
-def test_worker_dead_before_first_heartbeat_is_detected(launch):
-    """SLURM-style: a worker SIGKILLs itself right after its connect returned, before its heartbeat thread beat.
-    The run must still fail within heartbeat_timeout (else its final flush and shutdown wait out their timeouts)."""
-    slurm_run(
-        launch, 2, "--workers", 1, "--on-failure", "raise", "--stop-after-failure", "--heartbeat-timeout",
-        HEARTBEAT_TIMEOUT, "--steps", 3000, "--step-sleep", 0.02, "--behaviour", "0=die_after_connect",
-    )  # fmt: skip
-    connected = launch.wait_for("WORKER_CONNECTED", 60, worker_id=0)
-    failed = launch.wait_for("WORKER_FAILED_ERROR", HEARTBEAT_TIMEOUT + 6)
-    assert "Inference worker 0 failed" in failed["message"]
-    assert failed["t"] - connected["t"] < HEARTBEAT_TIMEOUT + 2.5
-    launch.wait_all(20)
-    launch.assert_no_survivors()
+def test_late_starting_worker_is_not_declared_dead(slurm_faults):
+    """A healthy worker that started late (and connected before its first beat) is never declared dead."""
+    run, procs, _ = slurm_faults
+    wrong = first_log(procs[0], r"inference worker 1 failed")
+    assert wrong is None, f"a healthy worker that started late was declared dead: {wrong[1]}"
+    at_the_end = run.one("WORKER_FAILED_ERROR", pred=lambda e: "Inference worker 2 failed" in e["message"])
+    assert at_the_end["alive"][1] is True and at_the_end["delivered"][1] > 0, at_the_end
+    done = run.one("WORKER_DONE", worker_id=1)
+    assert done["lo"] == done["hi"] == float(done["final_version"]) and done["final_version"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- 2. rejoin
@@ -459,16 +508,15 @@ def test_killed_worker_rejoins_with_full_resync(rejoin_run):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    reason="BUG: _HeartbeatMonitor keeps the dead process's last heartbeat time; a rejoined worker that has not "
-    "beaten yet is declared dead again ('no heartbeat for N s') right after it rejoins",
-    strict=False,
-)
-def test_rejoined_worker_is_served_to_the_end(rejoin_run):
-    run, _, _, _ = rejoin_run
+def test_rejoined_worker_is_not_declared_dead_again(rejoin_run):
+    """Once re-admitted, the replacement (alive and beating) is served to the end without a second failure."""
+    run, trainer, _, _ = rejoin_run
+    log = trainer.stderr()
+    after = log[log.index("inference worker 0 rejoined") :]
+    relapse = re.search(r"inference worker 0 failed: .*", after)
+    assert relapse is None, f"the rejoined worker was declared dead again: {relapse.group(0)}"
     final = run.one("FINAL")
     assert final["alive"] == [True, True] and final["errors"] == [None, None], final
-    assert final["delivered"] == [final["latest"]] * 2
     done = run.one("WORKER_DONE", worker_id=0, proc="replacement")
     assert done["final_version"] == final["latest"]
     assert done["lo"] == done["hi"] == float(final["latest"])
@@ -498,8 +546,11 @@ def test_trainer_killed_mid_transfer(launch, transport, behaviours):
     reported), and every worker exits on its own within a bounded time, even one deep in a rollout."""
     workers = behaviours.count("=")
     procs = slurm_run(
-        launch, 1 + workers, "--workers", workers, "--transport", transport, "--heartbeat-timeout", HEARTBEAT_TIMEOUT, "--big-mb", 96,
-        "--steps", 5000, "--step-sleep", 0.05, "--behaviour", behaviours,
+        launch, 1 + workers, "--workers", workers, "--transport", transport, "--big-mb", 96, "--steps", 5000,
+        "--step-sleep", 0.05, "--behaviour", behaviours,
+        # A gloo recv whose sender died before posting its send waits out the sync timeout: keep it under the
+        # 10 s after which the heartbeat ends the worker, so the worker lives to report what its policy holds.
+        "--sync-timeout", 7,
     )  # fmt: skip
     killed = launch.wait_for("KILL", 90)
     assert killed["target"] == procs[0].pid
@@ -544,41 +595,67 @@ def test_trainer_killed_popen_children_die(launch):
     launch.assert_no_survivors()
 
 
-# ---------------------------------------------------------------------------------------------- 4. slow worker
+# ---------------------------------------------------------------------------------------------- 4 + 8 + 10. two runs at once
+SOAK_PUSHES = 1000
+SLOW_STEPS = 200
+
+
+def soak_args(pushes: int) -> list:
+    # Flushed after every push: each version really travels to both workers, none is skipped as superseded.
+    warm = pushes // 5
+    return [
+        "--steps", pushes, "--step-sleep", 0, "--flush-every-step", "--sample-at", f"{warm},{pushes}",
+        "--behaviour", "0=poll,1=poll",
+    ]  # fmt: skip
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int]]:
+    return [
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    ]
+
+
 @pytest.fixture(scope="module")
-def slow_worker_run(tmp_path_factory):
-    """One worker polls every 20 ms, the other every 2 s; rank 0's listening sockets are captured mid-run."""
-    run = Launch(tmp_path_factory.mktemp("slow") / "run")
+def two_runs(tmp_path_factory):
+    """Two runs at the same time, neither given a MASTER_PORT: a soak (1000 flushed pushes to 2 workers) and a
+    run whose worker 1 polls every 2 s while worker 0 polls every 20 ms. Rank 0's listening sockets are read
+    while each run is up."""
+    run = Launch(tmp_path_factory.mktemp("two_runs") / "run")
     try:
-        trainer = popen_run(
-            run, "--steps", 200, "--step-sleep", 0.02, "--behaviour", "0=every:0.02,1=every:2",
+        soak = popen_run(run, *soak_args(SOAK_PUSHES), master_port=None, name="soak")
+        slow = popen_run(
+            run, "--steps", SLOW_STEPS, "--step-sleep", 0.02, "--behaviour", "0=every:0.02,1=every:2",
+            master_port=None, name="slow",
         )  # fmt: skip
-        control = run.wait_for("CONTROL", 60)
-        listening = [
-            (c.laddr.ip, c.laddr.port)
-            for c in psutil.Process(trainer.pid).net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN
-        ]
-        run.wait_all(60)
+        listening = {}
+        for proc in (soak, slow):
+            run.wait_for("CONTROL", 90, proc=proc.name)
+            listening[proc.name] = listening_sockets(proc.pid)
+        run.wait_all(150)
         run.assert_no_survivors()
-        yield run, trainer, control, listening
+        yield run, listening
     finally:
         run.close()
 
 
-@pytest.mark.timeout(90)
-def test_slow_worker_slows_neither_trainer_nor_fast_worker(slow_worker_run):
-    run, trainer, _, _ = slow_worker_run
-    assert trainer.returncode == 0, run.describe()
-    final = run.one("FINAL")
+@pytest.mark.timeout(200)
+def test_slow_worker_slows_neither_trainer_nor_fast_worker(two_runs):
+    """A worker 100x slower than the other (2 s vs 20 ms between polls) costs the trainer nothing and the fast
+    worker nothing; it skips what it was too busy to take and still ends on the last version."""
+    run, _ = two_runs
+    assert run.proc("slow").returncode == 0, run.describe()
+    final = run.one("FINAL", proc="slow")
     steps = final["steps"]
-    assert final["delivered"] == [steps, steps]
+    assert steps == SLOW_STEPS and final["delivered"] == [steps, steps]
     assert final["push_max"] < 0.25, f"an optimizer step + push took {final['push_max'] * 1000:.0f} ms"
-    fast, slow = run.one("WORKER_DONE", worker_id=0), run.one("WORKER_DONE", worker_id=1)
+    fast, slow = run.one("WORKER_DONE", worker_id=0, proc="slow"), run.one("WORKER_DONE", worker_id=1, proc="slow")
     assert fast["distinct"] >= steps // 3, f"the fast worker applied only {fast['distinct']} of {steps} versions"
-    assert slow["distinct"] <= 10, slow  # it really was slow: it skipped what it was too busy to take
+    assert slow["distinct"] <= 12, slow
     for done in (fast, slow):
         assert done["final_version"] == steps and done["lo"] == done["hi"] == float(steps)
+        assert done["versions_increasing"]
     print(
         f"\nfast worker applied {fast['distinct']} versions, slow {slow['distinct']}; push max"
         f" {final['push_max'] * 1000:.1f} ms, median {final['push_median'] * 1000:.2f} ms"
@@ -623,15 +700,13 @@ def test_schema_mismatch_at_connect_and_after_a_change(launch):
 # ---------------------------------------------------------------------------------------------- 7. timeouts
 @pytest.fixture
 def store():
+    """A real TCPStore server; ``client(timeout)`` opens more clients (the library gives each blocking user one)."""
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
-    clients = []
 
-    def client() -> dist.TCPStore:
-        clients.append(dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=10)))
-        return clients[-1]
+    def client(timeout: float = 10.0) -> dist.TCPStore:
+        return dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout))
 
     yield server, client
-    del clients[:]
 
 
 def small_policy(seed: int = 0) -> nn.Module:
@@ -647,24 +722,36 @@ def timed(fn: Callable):
         return None, err, time.monotonic() - started
 
 
+def assert_timed_out(err: Optional[BaseException], took: float, limit: float, *needles: str) -> None:
+    from fabric_weightsync import TransportError
+
+    assert isinstance(err, TransportError), f"expected a TransportError, got {err!r}"
+    assert took < limit, f"gave up after {took:.1f}s, allowed {limit:.1f}s: {err}"
+    for needle in needles:
+        assert needle in str(err), f"{needle!r} missing from {err}"
+
+
 @pytest.mark.timeout(60)
 def test_blocking_calls_time_out_saying_what_they_waited_for(store):
-    from fabric_weightsync import DistributedTransport, TransportError
+    """Every blocking step with no peer gives up within its timeout and names what it waited for (and the store
+    key). Store clients get the transport's timeout, as the library's own ``ControlPlane.client()`` does."""
+    from fabric_weightsync import DistributedTransport
     from fabric_weightsync.control import ControlPlane
 
     _, client = store
+    timeout = 0.5
+    limit = timeout + 2.5
 
-    def transport(rank: int = 1) -> DistributedTransport:
-        return DistributedTransport(weights_buffer=small_policy(), store=client(), rank=rank, timeout=0.5)
+    def transport(rank: int) -> DistributedTransport:
+        return DistributedTransport(weights_buffer=small_policy(), store=client(timeout), rank=rank, timeout=timeout)
 
     # Connect with no trainer, and with no worker.
-    _, err, took = timed(lambda: transport().setup_connection_and_weights_on_receiver(worker_idx=0, model=small_policy()))
-    assert isinstance(err, TransportError) and took < 3, (err, took)
-    assert "waiting for the trainer to check this worker's schema" in str(err) and "0.5s" in str(err), err
+    _, err, took = timed(lambda: transport(1).setup_connection_and_weights_on_receiver(worker_idx=0, model=small_policy()))
+    assert_timed_out(err, took, limit, "check this worker's schema", "NODE_1_verdict")
     _, err, took = timed(lambda: transport(2).setup_connection_and_weights_on_sender())
-    assert isinstance(err, TransportError) and took < 3 and "waiting for the worker to connect" in str(err), err
+    assert_timed_out(err, took, limit, "worker to connect", "NODE_2_schema")
 
-    # A connected pair whose sender instructs an update but never sends it, and a worker that never answers.
+    # A connected pair whose sender instructs an update but never sends it.
     sender, receiver = transport(3), transport(3)
     connecting = threading.Thread(target=sender.setup_connection_and_weights_on_sender)
     connecting.start()
@@ -672,11 +759,11 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     connecting.join(10)
     assert receiver.channel == sender.channel == "group"
     sender.instruct()
-    _, err, took = timed(lambda: receiver.receive_weights(0.5))
-    assert isinstance(err, TransportError) and took < 3 and "receiving weights failed" in str(err), (err, took)
-    _, err, took = timed(lambda: sender.wait_ready())
-    assert isinstance(err, TransportError) and took < 3, (err, took)
-    assert "waiting for the worker to post its receive" in str(err) and "NODE_3_ready" in str(err), err
+    _, err, took = timed(lambda: receiver.receive_weights(timeout))
+    assert_timed_out(err, took, limit, "receiving weights failed")
+    # A sender whose worker never posts its receive.
+    _, err, took = timed(lambda: transport(5).wait_ready())
+    assert_timed_out(err, took, limit, "post its receive", "NODE_5_ready")
 
     # No instruction pending: receive_weights is a poll with a deadline, not an error.
     result, err, took = timed(lambda: transport(4).receive_weights(0.3))
@@ -685,6 +772,18 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     # Nothing listens where the bootstrap store should be.
     _, err, took = timed(lambda: ControlPlane.join("127.0.0.1", free_port(), timeout=1.0))
     assert err is not None and took < 8 and "timed out" in str(err), (err, took)
+
+
+@pytest.mark.timeout(60)
+def test_transport_timeout_holds_whatever_the_store_clients_timeout(store):
+    """``DistributedTransport(timeout=0.5)`` documents "seconds any single blocking step may take": a store
+    client opened with a longer timeout (the default one is 5 minutes) must not stretch a connect to it."""
+    from fabric_weightsync import DistributedTransport
+
+    _, client = store
+    receiver = DistributedTransport(weights_buffer=small_policy(), store=client(10.0), rank=1, timeout=0.5)
+    _, err, took = timed(lambda: receiver.setup_connection_and_weights_on_receiver(worker_idx=0, model=small_policy()))
+    assert_timed_out(err, took, 3.0, "check this worker's schema")
 
 
 @pytest.mark.timeout(60)
@@ -721,45 +820,44 @@ def test_wait_for_update_returns_false_on_timeout(store, transport):
 
 
 # ---------------------------------------------------------------------------------------------- 8. soak
-def soak(launch: Launch, pushes: int, timeout: float) -> None:
-    warm = pushes // 5
-    trainer = popen_run(
-        launch, "--steps", pushes, "--step-sleep", 0, "--flush-every-step", "--sample-at", f"{warm},{pushes}",
-        "--behaviour", "0=poll,1=poll",
-    )  # fmt: skip
-    launch.wait_all(timeout)
-    assert trainer.returncode == 0, launch.describe()
-    final = launch.one("FINAL")
-    # Every push was flushed: each one really travelled to both workers.
+def check_soak(launch: Launch, name: str, pushes: int) -> None:
+    assert launch.proc(name).returncode == 0, launch.describe()
+    final = launch.one("FINAL", proc=name)
     assert final["delivered"] == [pushes, pushes]
-    before, after = launch.one("SAMPLE", step=warm), launch.one("SAMPLE", step=pushes)
+    warm = pushes // 5
+    before, after = launch.one("SAMPLE", step=warm, proc=name), launch.one("SAMPLE", step=pushes, proc=name)
     growth = after["rss"] / before["rss"] - 1
     assert growth < 0.05, f"rank 0 RSS grew {growth:.1%} from push {warm} to {pushes}"
-    assert after["keys"] <= before["keys"] + 2, f"store keys accumulate: {before['keys']} -> {after['keys']}"
+    # A few keys come and go with each transfer (instruction, ready, ack): a leak grows with the pushes.
+    assert after["keys"] <= before["keys"] + 4, f"store keys accumulate: {before['keys']} -> {after['keys']}"
     assert after["fds"] <= before["fds"] + 2, f"rank 0 leaks file descriptors: {before['fds']} -> {after['fds']}"
-    assert after["threads"] == before["threads"], f"rank 0 leaks threads: {before['threads']} -> {after['threads']}"
+    assert after["threads"] <= before["threads"], f"rank 0 leaks threads: {before['threads']} -> {after['threads']}"
     for worker_id in (0, 1):
-        done = launch.one("WORKER_DONE", worker_id=worker_id)
-        connected = launch.one("WORKER_CONNECTED", worker_id=worker_id)
-        assert done["applied"] == pushes + 1 and done["lo"] == done["hi"] == float(pushes)
+        done = launch.one("WORKER_DONE", worker_id=worker_id, proc=name)
+        connected = launch.one("WORKER_CONNECTED", worker_id=worker_id, proc=name)
+        assert done["final_version"] == pushes and done["lo"] == done["hi"] == float(pushes)
+        assert done["applied"] == pushes + 1, f"worker {worker_id} applied {done['applied'] - 1} of {pushes} pushes"
         assert done["fds"] <= connected["fds"] + 2, f"worker {worker_id} leaks fds: {connected['fds']} -> {done['fds']}"
     print(
         f"\n{pushes} pushes x 2 workers: RSS {before['rss'] / 2**20:.0f} -> {after['rss'] / 2**20:.0f} MiB ({growth:+.2%}),"
-        f" keys {before['keys']} -> {after['keys']}, fds {before['fds']} -> {after['fds']},"
-        f" gc objects {before['objects']} -> {after['objects']}"
+        f" store keys {before['keys']} -> {after['keys']}, fds {before['fds']} -> {after['fds']},"
+        f" threads {before['threads']} -> {after['threads']}, gc objects {before['objects']} -> {after['objects']}"
     )
-    launch.assert_no_survivors()
 
 
-@pytest.mark.timeout(120)
-def test_soak_1000_pushes_leaks_nothing(launch):
-    soak(launch, 1000, timeout=100)
+@pytest.mark.timeout(200)
+def test_soak_1000_pushes_leaks_nothing(two_runs):
+    run, _ = two_runs
+    check_soak(run, "soak", SOAK_PUSHES)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_soak_10000_pushes_leaks_nothing(launch):
-    soak(launch, 10_000, timeout=850)
+    popen_run(launch, *soak_args(10_000), name="soak")
+    launch.wait_all(850)
+    check_soak(launch, "soak", 10_000)
+    launch.assert_no_survivors()
 
 
 # ---------------------------------------------------------------------------------------------- 9. security
@@ -799,35 +897,31 @@ def _is_json(func: ast.expr) -> bool:
     return isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "json"
 
 
-@pytest.mark.timeout(90)
-def test_control_store_listens_on_loopback(slow_worker_run):
+@pytest.mark.timeout(200)
+def test_control_store_listens_on_loopback(two_runs):
     """With MASTER_ADDR=127.0.0.1 the control store (OS-chosen port) must not be reachable from other hosts."""
-    _, _, control, listening = slow_worker_run
-    assert control["host"] == "127.0.0.1"
-    bound = [ip for ip, port in listening if port == control["port"]]
-    assert bound, f"nothing of rank 0 listens on the control port {control['port']}: {listening}"
-    assert all(ip == "127.0.0.1" for ip in bound), f"the control store listens on {bound}"
-    print(f"\nrank 0 listening sockets: {sorted(listening)} (control port {control['port']})")
+    run, listening = two_runs
+    for name, sockets in listening.items():
+        control = run.one("CONTROL", proc=name)
+        assert control["host"] == "127.0.0.1"
+        bound = [ip for ip, port in sockets if port == control["port"]]
+        assert bound, f"nothing of rank 0 listens on the control port {control['port']}: {sockets}"
+        assert all(ip == "127.0.0.1" for ip in bound), f"the control store listens on {bound}"
+        print(f"\n{name}: rank 0 listens on {sorted(sockets)}; control port {control['port']}")
 
 
 # ---------------------------------------------------------------------------------------------- 10. ports
-@pytest.mark.timeout(120)
-def test_two_runs_at_once_do_not_collide(launch):
+@pytest.mark.timeout(200)
+def test_two_runs_at_once_do_not_collide(two_runs):
     """Two runs started together with no MASTER_PORT: Fabric picks distinct rendezvous ports, the control stores
-    get OS-assigned ones, and both runs deliver every version."""
-    steps = 30
-    runs = [
-        popen_run(launch, "--workers", 1, "--steps", steps, "--step-sleep", 0.02, master_port=None, name=f"run{i}")
-        for i in (0, 1)
-    ]
-    launch.wait_all(100)
-    assert [r.returncode for r in runs] == [0, 0], launch.describe()
-    masters = [launch.one("TRAIN_START", proc=r.name)["master_port"] for r in runs]
-    controls = [launch.one("CONTROL", proc=r.name)["port"] for r in runs]
+    get OS-assigned ones, and both runs deliver every version (asserted by the two tests above)."""
+    run, _ = two_runs
+    names = ("soak", "slow")
+    assert [run.proc(n).returncode for n in names] == [0, 0], run.describe()
+    masters = [run.one("TRAIN_START", proc=n)["master_port"] for n in names]
+    controls = [run.one("CONTROL", proc=n)["port"] for n in names]
     assert len(set(masters)) == 2 and len(set(controls)) == 2, (masters, controls)
     assert not set(masters) & set(controls), (masters, controls)
-    for r in runs:
-        assert launch.one("FINAL", proc=r.name)["delivered"] == [steps]
-        done = launch.one("WORKER_DONE", proc=r.name)
-        assert done["final_version"] == steps and done["lo"] == done["hi"] == float(steps)
-    launch.assert_no_survivors()
+    for n in names:
+        assert run.one("FINAL", proc=n)["errors"] == [None, None]
+    print(f"\nrendezvous ports {masters}, control ports {controls}")

@@ -16,6 +16,7 @@ the moments it killed something. Worker behaviours are chosen per worker id with
                         polling and report what the policy holds
     mismatch            a policy of another architecture (its connect must fail)
     die_after_connect   SIGKILL itself right after its connect returned (before any heartbeat)
+    poll_now            poll, but connect at once instead of after the usual 1 s of "building the environment"
 
     python fault_train.py --out DIR [--devices 1] [--workers 2] [--transport auto] [--on-failure continue] ...
 """
@@ -23,6 +24,7 @@ the moments it killed something. Worker behaviours are chosen per worker id with
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import random
@@ -48,6 +50,8 @@ from fabric_weightsync import (
 )
 
 torch.set_num_threads(1)
+# The library logs worker failures and rejoins; the time on each line is when rank 0 decided it.
+logging.basicConfig(level=logging.WARNING, format="FWSLOG %(created).3f %(name)s %(message)s")
 
 HIDDEN = 16
 MISMATCHED_HIDDEN = 8
@@ -60,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--transport", default="auto")
     parser.add_argument("--on-failure", default="continue")
-    parser.add_argument("--heartbeat-timeout", type=float, default=2.0)
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0)
     parser.add_argument("--sync-timeout", type=float, default=30.0)
     parser.add_argument("--shutdown-timeout", type=float, default=30.0)
     parser.add_argument("--steps", type=int, default=50)
@@ -71,7 +75,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--change-at", type=int, default=0, help="reshape a parameter after this step")
     parser.add_argument("--flush-every-step", action="store_true")
     parser.add_argument("--sample-at", default="", help="steps at which rank 0 reports memory, fds, store keys")
-    parser.add_argument("--stop-after-failure", action="store_true", help="re-raise WorkerFailedError")
+    parser.add_argument("--raise-for-worker", type=int, default=-1, help="re-raise the WorkerFailedError naming it")
+    parser.add_argument("--worker-start-delay", type=float, default=0.0, help="popen workers start this much later")
+    parser.add_argument("--until-connected", type=int, default=-1, help="train until this worker connected, then 150 steps")
     return parser.parse_args()
 
 
@@ -185,6 +191,10 @@ def worker(ctx) -> None:
         killer = MidReceiveKiller(os.getpid, warmup=int(arg or 3))
     elif name == "kill_trainer":
         killer = MidReceiveKiller(lambda: trainer_pid(out), warmup=int(arg or 3))
+    # Real workers build environments and models before connecting (their heartbeat runs meanwhile); two
+    # behaviours connect at once, before the heartbeat thread beat even once.
+    if name not in ("die_after_connect", "poll_now"):
+        time.sleep(1.0)
     hidden = MISMATCHED_HIDDEN if name == "mismatch" else HIDDEN
     torch.manual_seed(1000 + ctx.worker_id)  # unlike the trainer's weights: equality can only come from a transfer
     policy = make_policy(hidden, args.big_mb)
@@ -274,6 +284,7 @@ def train(fabric: Fabric, args: argparse.Namespace) -> None:
     seen = status_of(scheme) if rank == 0 else None
     died_at = None
     rejoined_at = None
+    late_at = None
     step = 0
     limit = args.steps
     while step < limit:
@@ -285,8 +296,11 @@ def train(fabric: Fabric, args: argparse.Namespace) -> None:
         try:
             optimizer.step()  # WeightSyncCallback pushes version `step` on rank 0
         except WorkerFailedError as err:
-            emit("WORKER_FAILED_ERROR", step=step, message=str(err)[:2000], push_max=max(push_times, default=0.0))
-            if args.stop_after_failure:
+            emit(
+                "WORKER_FAILED_ERROR", step=step, message=str(err)[:2000], push_max=max(push_times, default=0.0),
+                alive=[w.alive for w in scheme.workers], delivered=[w.delivered_version for w in scheme.workers],
+            )  # fmt: skip
+            if f"Inference worker {args.raise_for_worker} failed" in str(err):
                 raise
         except SchemaMismatchError as err:
             emit("SCHEMA_ERROR", step=step, message=str(err)[:2000])
@@ -306,6 +320,11 @@ def train(fabric: Fabric, args: argparse.Namespace) -> None:
                 emit("PROGRESS", step=step, delivered=[w.delivered_version for w in scheme.workers])
             if step in samples:
                 sample(fabric, step)
+            late = scheme.workers[args.until_connected] if args.until_connected >= 0 else None
+            if late is not None and late_at is None and late.delivered_version >= 0:
+                late_at = step
+                emit("LATE_CONNECTED", step=step)
+                limit = step + 400  # 8 s at 20 ms a step: time for the test to watch, then kill another worker
             if args.until_rejoin >= 0:
                 watched = scheme.workers[args.until_rejoin]
                 if died_at is None and not watched.alive:
@@ -332,6 +351,8 @@ def train(fabric: Fabric, args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.worker_start_delay and os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(args.worker_start_delay)  # a slow import: the trainer's monitor is running long before
     strategy = WeightSyncStrategy(
         worker,
         inference_workers=args.workers,
