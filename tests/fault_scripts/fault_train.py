@@ -284,6 +284,7 @@ def train(fabric: Fabric, args: argparse.Namespace) -> None:
     seen = status_of(scheme) if rank == 0 else None
     died_at = None
     rejoined_at = None
+    settled = None
     late_at = None
     step = 0
     limit = args.steps
@@ -332,7 +333,10 @@ def train(fabric: Fabric, args: argparse.Namespace) -> None:
                 if died_at is not None and rejoined_at is None and watched.alive and watched.delivered_version >= 0:
                     rejoined_at = step
                     emit("REJOINED", step=step, delivered=watched.delivered_version, latest=scheme.latest_version)
-                    limit = step + 50  # long enough for several heartbeats of the newcomer
+                if rejoined_at is not None:
+                    # End once every worker is back (another may be away too), after several heartbeats of theirs.
+                    settled = (settled or step) if all(w.alive for w in scheme.workers) else None
+                    limit = settled + 50 if settled else args.steps
         if args.change_at and step == args.change_at:
             # A different-shaped Parameter replaces a synced one: the next push must refuse it.
             raw[0].weight = nn.Parameter(torch.zeros(HIDDEN + 1, 8))
