@@ -334,17 +334,33 @@ def kill(pid: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- 1. worker death
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize("transport", ["gloo", "shm"])
-def test_worker_killed_mid_receive_training_continues(launch, transport):
-    """A worker SIGKILLed in the middle of receiving a 64 MB update: the trainer never waits on it, the survivor
-    ends on the last version, and rank 0 declares the dead worker within a bounded time."""
-    steps = 40
-    trainer = popen_run(
-        launch, "--transport", transport, "--on-failure", "continue", "--big-mb", 64, "--steps", steps,
-        "--step-sleep", 0.05, "--behaviour", "0=kill_self:3,1=poll",
-    )  # fmt: skip
-    launch.wait_all(75)
+MID_RECEIVE_STEPS = 40
+
+
+@pytest.fixture(scope="module", params=["gloo", "shm"])
+def mid_receive_run(request, tmp_path_factory):
+    """Worker 0 SIGKILLs itself in the middle of receiving a 64 MB update; worker 1 carries on."""
+    transport = request.param
+    run = Launch(tmp_path_factory.mktemp(f"mid_receive_{transport}") / "run")
+    try:
+        trainer = popen_run(
+            run, "--transport", transport, "--on-failure", "continue", "--big-mb", 64, "--steps", MID_RECEIVE_STEPS,
+            "--step-sleep", 0.05, "--behaviour", "0=kill_self:3,1=poll",
+            "--sync-timeout", 15,  # what a link blocked on the dead worker could hold the shutdown for
+        )  # fmt: skip
+        run.wait_all(90)
+        run.assert_no_survivors()
+        yield run, trainer, transport
+    finally:
+        run.close()
+
+
+@pytest.mark.timeout(120)
+def test_worker_killed_mid_receive_training_continues(mid_receive_run):
+    """The trainer never waits on the dead worker, declares it dead within a bounded time, and the survivor
+    ends on the last version."""
+    launch, trainer, transport = mid_receive_run
+    steps = MID_RECEIVE_STEPS
     assert trainer.returncode == 0, launch.describe()
 
     # KILL is only emitted while the receive is still running: a timer that would fire after it is cancelled.
@@ -360,9 +376,9 @@ def test_worker_killed_mid_receive_training_continues(launch, transport):
     final = launch.one("FINAL")
     assert final["latest"] == steps
     assert final["alive"] == [False, True], final
-    assert "worker 0" not in (final["errors"][1] or "")
+    assert final["errors"][1] is None
     assert final["delivered"][1] == steps
-    # A trainer that waited on the dead worker would show sync_timeout (30 s) or heartbeat_timeout (2 s) here.
+    # A trainer that waited on the dead worker would show sync_timeout (15 s) here.
     assert final["push_max"] < 1.0, f"an optimizer step + push took {final['push_max']:.2f}s"
 
     survivor = launch.one("WORKER_DONE", worker_id=1)
@@ -375,7 +391,28 @@ def test_worker_killed_mid_receive_training_continues(launch, transport):
         f" {killed['median_receive'] * 1000:.0f} ms); declared dead after {detection:.2f}s;"
         f" push max {final['push_max'] * 1000:.0f} ms, median {final['push_median'] * 1000:.1f} ms"
     )
-    launch.assert_no_survivors()
+
+
+@pytest.mark.timeout(120)
+def test_shutdown_is_prompt_after_a_worker_died_mid_receive(request, mid_receive_run):
+    """Training is over once FINAL is printed: the survivor is told to stop and rank 0 exits within seconds,
+    not after the transfer timeout of the send that was in flight to the dead worker."""
+    launch, trainer, transport = mid_receive_run
+    if transport == "gloo":
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="BUG: WeightSyncScheme.close() joins each link for up to sync_timeout, and the dead worker's "
+                "link is stuck in GroupChannel.wait_sent (a gloo send to a dead peer, which abort() cannot "
+                "interrupt): shutdown and the survivors' stop wait out sync_timeout",
+                strict=False,
+            )
+        )
+    final = launch.one("FINAL")
+    survivor = launch.one("WORKER_DONE", worker_id=1)
+    stopped_after, exited_after = survivor["t"] - final["t"], trainer.exit_time - final["t"]
+    print(f"\n[{transport}] survivor stopped {stopped_after:.1f}s and rank 0 exited {exited_after:.1f}s after training ended")
+    assert stopped_after < 5.0, f"the survivor was told to stop {stopped_after:.1f}s after training ended"
+    assert exited_after < 8.0, f"rank 0 exited {exited_after:.1f}s after training ended"
 
 
 @pytest.fixture(scope="module")
