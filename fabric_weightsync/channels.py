@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict, TensorDictBase
 
-from fabric_weightsync.weights import EXTERNAL_STORAGE_ATTR, wire_storage
+from fabric_weightsync.weights import WEIGHTS_KEY, WeightSchema, wire_nbytes, wire_storage, wire_views
 
 
 class ChannelError(RuntimeError):
@@ -130,7 +130,7 @@ class SharedMemoryChannel:
         """The sender's (pinned) staging buffer to copy from; call :meth:`release` after the copy, before the ack."""
         path = await_key(self.store, self.slot_key, "for the sender to name a shared-memory slot").decode()
         if path not in self._mapped:
-            self._mapped[path] = SharedWireBuffer.open(path, wire)
+            self._mapped[path] = SharedWireBuffer.open(path, WeightSchema.of(wire[WEIGHTS_KEY]))
         return self._mapped[path]
 
     def release(self) -> None:
@@ -142,15 +142,17 @@ class SharedWireBuffer:
     """A wire buffer whose single storage is a file in ``/dev/shm``, mappable by any process on the host."""
 
     @staticmethod
-    def create(template: TensorDictBase, run_id: str, index: int) -> TensorDictBase:
+    def create(schema: WeightSchema, run_id: str, index: int) -> TensorDictBase:
         path = os.path.join(shm_dir(), f"fabric_weightsync-{run_id}-{index}")
-        return SharedWireBuffer._map(path, template, create=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        return SharedWireBuffer._map(path, schema)
 
     @staticmethod
-    def open(path: str, template: TensorDictBase) -> TensorDictBase:
-        if not os.path.exists(path) or os.path.getsize(path) != wire_storage(template).numel():
+    def open(path: str, schema: WeightSchema) -> TensorDictBase:
+        if not os.path.exists(path) or os.path.getsize(path) != wire_nbytes(schema):
             raise ChannelError(f"shared-memory file {path} is missing or has the wrong size; use transport='gloo'")
-        return SharedWireBuffer._map(path, template, create=False)
+        return SharedWireBuffer._map(path, schema)
 
     @staticmethod
     def unlink(wire: TensorDictBase) -> None:
@@ -159,27 +161,9 @@ class SharedWireBuffer:
             os.unlink(path)
 
     @staticmethod
-    def _map(path: str, template: TensorDictBase, create: bool) -> TensorDictBase:
-        nbytes = wire_storage(template).numel()
-        if create and os.path.exists(path):
-            os.unlink(path)
-        storage = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        base = wire_storage(template).data_ptr()
-
-        def view(leaf: torch.Tensor) -> torch.Tensor:
-            start = leaf.data_ptr() - base
-            return storage[start : start + leaf.numel() * leaf.element_size()].view(leaf.dtype).view(leaf.shape)
-
-        wire = TensorDict(
-            {
-                key: TensorDict({k: view(v) for k, v in value.items()}) if isinstance(value, TensorDictBase) else view(value)
-                for key, value in template.items()
-            }
-        )
+    def _map(path: str, schema: WeightSchema) -> TensorDictBase:
+        wire = wire_views(schema, torch.from_file(path, shared=True, size=wire_nbytes(schema), dtype=torch.uint8))
         wire._fws_shm_path = path
-        setattr(wire, EXTERNAL_STORAGE_ATTR, storage)
-        if create:
-            storage.copy_(wire_storage(template))
         return wire
 
 

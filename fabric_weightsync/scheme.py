@@ -32,6 +32,7 @@ from fabric_weightsync.weights import (
     WeightSchema,
     make_wire_buffer,
     named_weights,
+    LayoutProbe,
     unwrap,
     weights_checksum,
 )
@@ -136,16 +137,15 @@ class WeightSyncScheme:
         named = named_weights(module)
         self._schema = WeightSchema.of(named)
         self._sources = [named[name] for name, _, _ in self._schema.entries]
-        self._layout_probe = _LayoutProbe(unwrap(module), self._schema)
+        self._layout_probe = LayoutProbe(unwrap(module), self._schema)
         # Staging lives where the data plane reads it: host memory for gloo and shared memory (a GPU
         # trainer pays one device-to-host copy per push), the GPU for nccl.
-        device = self._sources[0].device if self.transport == "nccl" and self._sources else torch.device("cpu")
-        template = make_wire_buffer(named, device=device)
         if self.transport in ("auto", "shm"):  # shm-backed staging costs no extra memory and serves both planes
             run_id = new_run_id()
-            self._buffers = [SharedWireBuffer.create(template, run_id, i) for i in (0, 1)]
+            self._buffers = [SharedWireBuffer.create(self._schema, run_id, i) for i in (0, 1)]
         else:
-            self._buffers = [template, make_wire_buffer(named, device=device)]
+            device = self._sources[0].device if self.transport == "nccl" and self._sources else torch.device("cpu")
+            self._buffers = [make_wire_buffer(named, device=device) for _ in (0, 1)]
         self._targets = [list(wire[WEIGHTS_KEY].values()) for wire in self._buffers]
         self._version_slots = [wire[VERSION_KEY] for wire in self._buffers]
         self._snapshot(0, version)
@@ -295,38 +295,9 @@ class WeightSyncScheme:
         problem = self._schema.mismatch(WeightSchema.of(named), "workers", "trainer now")
         if problem is None:  # same layout, new tensor objects (e.g. load_state_dict with assign=True)
             self._sources = [named[name] for name, _, _ in self._schema.entries]
-            self._layout_probe = _LayoutProbe(unwrap(self._module), self._schema)
+            self._layout_probe = LayoutProbe(unwrap(self._module), self._schema)
             return
         raise SchemaMismatchError(f"The synced module changed its parameters after the workers connected: {problem}")
-
-
-class _LayoutProbe:
-    """A check of "same tensors, same shapes" cheap enough for every push (no walk of named_parameters).
-
-    It remembers, for each weight, the dict that holds it (a module's ``_parameters`` or ``_buffers``) and every
-    parent/child edge leading to that module, so replacing a parameter, a buffer or a whole submodule, or
-    reshaping a tensor in place (``p.data = ...``), is seen.
-    """
-
-    def __init__(self, module: nn.Module, schema: WeightSchema) -> None:
-        self.slots: list[tuple[dict, str]] = []
-        self.shapes = [torch.Size(shape) for _, shape, _ in schema.entries]
-        edges: dict[tuple[int, str], tuple[dict, str, nn.Module]] = {}
-        for name, _, _ in schema.entries:
-            owner = module
-            *path, attr = name.split(".")
-            for child_name in path:
-                child = owner._modules[child_name]
-                edges[(id(owner), child_name)] = (owner._modules, child_name, child)
-                owner = child
-            self.slots.append((owner._parameters if attr in owner._parameters else owner._buffers, attr))
-        self.edges = list(edges.values())
-
-    def unchanged(self, sources: list[torch.Tensor]) -> bool:
-        return all(table.get(name) is child for table, name, child in self.edges) and all(
-            table.get(attr) is src and src.shape == shape
-            for (table, attr), src, shape in zip(self.slots, sources, self.shapes)
-        )
 
 
 class _WorkerLink(threading.Thread):

@@ -3,7 +3,7 @@
 It keeps the public API and store keys of TorchRL's ``torchrl.weight_update.DistributedTransport`` and changes
 what a user would want changed:
 
-- one message per update: both ends hold a consolidated wire buffer (see :mod:`fabric_weightsync.weights`)
+- one message per update: both ends hold a wire buffer (one storage) (see :mod:`fabric_weightsync.weights`)
   and the update travels as its single storage, whatever the number of tensors;
 - versioned: the version rides inside that message, so data and version can never disagree;
 - the receiver asks before the sender sends (``NODE_{rank}_ready``), so the sender decides *what* to send
@@ -48,6 +48,7 @@ from fabric_weightsync.weights import (
     named_weights,
     unwrap,
     CHECKSUM_KEY,
+    LayoutProbe,
     has_wire_storage,
     is_wire_buffer,
     weights_checksum,
@@ -83,7 +84,7 @@ class DistributedTransport:
 
     Args:
         weights_buffer: the weights layout: a module, a ``TensorDict`` of weights or a wire buffer made by
-            :func:`~fabric_weightsync.weights.make_wire_buffer`. The transport keeps a consolidated wire
+            :func:`~fabric_weightsync.weights.make_wire_buffer`. The transport keeps a wire
             buffer of it (the given one when it already is one): the sender's staging area or the receiver's
             landing area, in host memory (on the weights' GPU with ``backend="nccl"``). Policies on a GPU
             receive into host memory and are updated with one host-to-device copy.
@@ -136,6 +137,7 @@ class DistributedTransport:
         self._ack: Optional[bytes] = None
         self._aborted = False
         self._owned_shm: Optional[TensorDictBase] = None
+        self._targets = _ModuleTargets()
         self._version = 0
 
     # ------------------------------------------------------------------ properties
@@ -149,7 +151,7 @@ class DistributedTransport:
 
     @property
     def wire_buffer(self) -> TensorDictBase:
-        """The consolidated ``{weights, version}`` buffer this transport sends from or receives into."""
+        """The ``{weights, version, checksum}`` buffer this transport sends from or receives into."""
         return self._wire
 
     @property
@@ -249,9 +251,10 @@ class DistributedTransport:
         use_shm = self._preferred_channel == "shm" or (self._preferred_channel == "auto" and hello["host"] == host_id())
         if use_shm:
             self._channel = SharedMemoryChannel(self._store, self._key("slot"), self._key("out"), self._timeout)
-            if weights is None and getattr(self._wire, "_fws_shm_path", None) is None:
-                self._wire = SharedWireBuffer.create(self._wire, new_run_id(), self._rank)
-                self._owned_shm = self._wire
+            if getattr(self._wire, "_fws_shm_path", None) is None:
+                shared = SharedWireBuffer.create(self._schema, new_run_id(), self._rank)
+                wire_storage(shared).copy_(wire_storage(self._wire))
+                self._wire = self._owned_shm = shared
         verdict = {"channel": self._channel.name, "group": self._group_channel.group_name}
         self._store.set(self._key("verdict"), json.dumps(verdict).encode())
         self._data_plane(lambda: self._channel.connect(0), "connecting")
@@ -286,7 +289,7 @@ class DistributedTransport:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+            pause = min(pause * 2, 0.002)
         return True
 
     def receive_initial_weights(self) -> TensorDictBase:
@@ -343,6 +346,9 @@ class DistributedTransport:
         wire = weights if is_wire_buffer(weights) else self._wire
         if wire is not weights:
             WeightStrategy().apply_weights(wire[WEIGHTS_KEY], _extract(weights))
+        elif self._channel.name == SharedMemoryChannel.name and getattr(wire, "_fws_shm_path", None) is None:
+            wire_storage(self._wire).copy_(wire_storage(wire))  # the worker can only read shared files
+            wire = self._wire
         wire[VERSION_KEY].fill_(version)
         if self._checksum and wire is not weights:
             wire[CHECKSUM_KEY].fill_(weights_checksum(wire))
@@ -359,7 +365,7 @@ class DistributedTransport:
         if self._aborted:
             raise TransportAborted(f"transport of worker rank {self._rank} was aborted")
         if weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy):
-            _copy_into_module(model, source, self._schema)  # straight from the landing area: one copy
+            self._targets.copy(model, source, self._schema)  # straight from the landing area: one copy
             received = source[WEIGHTS_KEY]
         else:
             if source is not self._wire:
@@ -390,15 +396,29 @@ class DistributedTransport:
             raise TransportTimeout(str(err)) from err
 
 
-def _copy_into_module(model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
-    targets = named_weights(unwrap(model))
-    names = [name for name, _, _ in schema.entries]
-    if len(targets) != len(names) or any(name not in targets for name in names):
-        WeightStrategy().apply_weights(model, source[WEIGHTS_KEY])  # raises the precise mismatch
-        return
-    flat = source[WEIGHTS_KEY]
-    with torch.no_grad():
-        torch._foreach_copy_([targets[name] for name in names], [flat[name] for name in names])
+class _ModuleTargets:
+    """The module's tensors in schema order, re-read only when the module's layout changed."""
+
+    def __init__(self) -> None:
+        self._model: Optional[nn.Module] = None
+        self._tensors: list[torch.Tensor] = []
+        self._probe: Optional[LayoutProbe] = None
+        self._sources: dict[int, tuple[TensorDictBase, list[torch.Tensor]]] = {}
+
+    def copy(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
+        if model is not self._model or not self._probe.unchanged(self._tensors):
+            module = unwrap(model)
+            targets = named_weights(module)
+            names = [name for name, _, _ in schema.entries]
+            if len(targets) != len(names) or any(name not in targets for name in names):
+                WeightStrategy().apply_weights(model, source[WEIGHTS_KEY])  # raises the precise mismatch
+            self._model, self._tensors = model, [targets[name] for name in names]
+            self._probe = LayoutProbe(module, schema)
+        cached = self._sources.get(id(source))
+        if cached is None or cached[0] is not source:  # landing buffers are few and long-lived: list them once
+            cached = self._sources[id(source)] = (source, list(source[WEIGHTS_KEY].values()))
+        with torch.no_grad():
+            torch._foreach_copy_(self._tensors, cached[1])
 
 
 def _as_wire_buffer(weights: Any, backend: str) -> TensorDictBase:

@@ -1,8 +1,8 @@
 """How weights are taken from a module, laid out for the wire, checked and applied.
 
-Both ends build the same *wire buffer* from their own module: one consolidated ``TensorDict`` (a single
-storage) holding every parameter and buffer under its flat name, in sorted order, plus the version of the
-update. Two modules with the same :class:`WeightSchema` therefore have byte-identical layouts, so an update
+Both ends build the same *wire buffer* from their own module: one ``TensorDict`` of views into a single
+storage, holding every parameter and buffer under its flat name, in sorted order, plus the version (and
+optional checksum) of the update. Two modules with the same :class:`WeightSchema` therefore have byte-identical layouts, so an update
 travels as one message and lands with one copy.
 """
 
@@ -95,21 +95,65 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
+_HEADER = (VERSION_KEY, CHECKSUM_KEY)
+_ALIGN = 16
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGN) * _ALIGN
+
+
+def wire_nbytes(schema: WeightSchema) -> int:
+    """Bytes of a wire buffer: an int64 header (version, checksum), then every weight at an aligned offset."""
+    offset = 8 * len(_HEADER)
+    for _, shape, dtype in schema.entries:
+        offset = _aligned(offset) + torch.Size(shape).numel() * torch.empty((), dtype=_dtype(dtype)).element_size()
+    return _aligned(offset)
+
+
+def wire_views(schema: WeightSchema, storage: torch.Tensor) -> TensorDict:
+    """The wire buffer laid over ``storage`` (``wire_nbytes(schema)`` bytes): a ``TensorDict`` of views.
+
+    The layout depends on the schema alone, so two processes with the same schema agree byte for byte, and
+    the same function lays the buffer over host memory, GPU memory or a shared-memory file.
+    """
+    def view(offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        return storage[offset : offset + nbytes].view(dtype).view(shape)
+
+    header = {key: view(8 * i, (), torch.int64) for i, key in enumerate(_HEADER)}
+    weights, offset = {}, 8 * len(_HEADER)
+    for name, shape, dtype in schema.entries:
+        offset = _aligned(offset)
+        weights[name] = view(offset, shape, _dtype(dtype))
+        offset += weights[name].numel() * weights[name].element_size()
+    wire = TensorDict({WEIGHTS_KEY: TensorDict(weights, device=storage.device), **header}, device=storage.device)
+    setattr(wire, EXTERNAL_STORAGE_ATTR, storage)
+    return wire
+
+
 def make_wire_buffer(
     weights: Union[nn.Module, TensorDictBase, dict[str, torch.Tensor]], device: Optional[torch.device] = None
 ) -> TensorDict:
-    """A consolidated ``{weights: {flat_name: tensor}, version, checksum}`` holding a copy of ``weights``.
+    """A ``{weights: {flat_name: tensor}, version, checksum}`` buffer over ONE storage, holding a copy of ``weights``.
 
     ``version`` and ``checksum`` (0 unless checksums are on) ride in the same storage as the weights, so one
-    message carries an update and its identity.
+    message carries an update and its identity. The storage is allocated once and each tensor copied into its
+    slice (``TensorDict.consolidate`` pads odd-sized tensors by concatenation, which briefly doubles memory).
+    ``device`` defaults to that of the weights.
     """
     if isinstance(weights, nn.Module):
         weights = named_weights(weights)
     elif isinstance(weights, TensorDictBase):
         weights = dict(weights.flatten_keys(".").items())
-    flat = TensorDict({name: weights[name].detach().to(device) if device else weights[name].detach() for name in sorted(weights)}, device=device)
-    header = {key: torch.zeros((), dtype=torch.int64, device=device) for key in (VERSION_KEY, CHECKSUM_KEY)}
-    return TensorDict({WEIGHTS_KEY: flat, **header}, device=device).consolidate(metadata=True)
+    schema = WeightSchema.of(weights)
+    if device is None:
+        device = next(iter(weights.values())).device if weights else torch.device("cpu")
+    wire = wire_views(schema, torch.zeros(wire_nbytes(schema), dtype=torch.uint8, device=device))
+    with torch.no_grad():
+        names = [name for name, _, _ in schema.entries]
+        torch._foreach_copy_([wire[WEIGHTS_KEY][n] for n in names], [weights[n].detach() for n in names])
+    return wire
 
 
 def is_wire_buffer(weights: object) -> bool:
@@ -125,16 +169,41 @@ def weights_checksum(wire: TensorDictBase) -> int:
 
 
 def wire_storage(wire: TensorDictBase) -> torch.Tensor:
-    """The single flat byte tensor behind a wire buffer: the one message of an update.
-
-    That is the consolidated storage, or the external storage a buffer was rebased onto (shared memory).
-    """
-    external = getattr(wire, EXTERNAL_STORAGE_ATTR, None)
-    return external if external is not None else wire._consolidated["storage"]
+    """The single flat byte tensor behind a wire buffer: the one message of an update."""
+    return getattr(wire, EXTERNAL_STORAGE_ATTR)
 
 
 def has_wire_storage(wire: TensorDictBase) -> bool:
-    return getattr(wire, EXTERNAL_STORAGE_ATTR, None) is not None or wire.is_consolidated()
+    return getattr(wire, EXTERNAL_STORAGE_ATTR, None) is not None
+
+
+class LayoutProbe:
+    """A check of "same tensors, same shapes" cheap enough for every push (no walk of named_parameters).
+
+    It remembers, for each weight, the dict that holds it (a module's ``_parameters`` or ``_buffers``) and every
+    parent/child edge leading to that module, so replacing a parameter, a buffer or a whole submodule, or
+    reshaping a tensor in place (``p.data = ...``), is seen.
+    """
+
+    def __init__(self, module: nn.Module, schema: WeightSchema) -> None:
+        self.slots: list[tuple[dict, str]] = []
+        self.shapes = [torch.Size(shape) for _, shape, _ in schema.entries]
+        edges: dict[tuple[int, str], tuple[dict, str, nn.Module]] = {}
+        for name, _, _ in schema.entries:
+            owner = module
+            *path, attr = name.split(".")
+            for child_name in path:
+                child = owner._modules[child_name]
+                edges[(id(owner), child_name)] = (owner._modules, child_name, child)
+                owner = child
+            self.slots.append((owner._parameters if attr in owner._parameters else owner._buffers, attr))
+        self.edges = list(edges.values())
+
+    def unchanged(self, sources: list[torch.Tensor]) -> bool:
+        return all(table.get(name) is child for table, name, child in self.edges) and all(
+            table.get(attr) is src and src.shape == shape
+            for (table, attr), src, shape in zip(self.slots, sources, self.shapes)
+        )
 
 
 class WeightStrategy:
