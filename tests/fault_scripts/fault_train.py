@@ -5,7 +5,7 @@ with ``lr=0`` then leaves them untouched, and WeightSyncCallback pushes them as 
 is therefore intact iff all its parameters equal the version it reports; a torn or half-applied update shows.
 
 Each process prints ``FWS {json}`` lines with an ``ev`` name and a wall-clock ``t`` the test compares against
-the moments it killed something. Worker behaviours are chosen per worker id with ``--behaviour 0=poll,1=slow:2``:
+the moments it killed something. Worker behaviours are chosen per worker id with ``--behaviour 0=poll,1=every:2``:
 
     poll                wait_for_update in a loop (the usual collector)
     every:S             poll(), then a "rollout" of S seconds, repeated
