@@ -25,15 +25,19 @@ REPO_ROOT = TESTS_DIR.parent
 TRAIN_SCRIPT = SCRIPTS_DIR / "fws_train.py"
 
 RUN_TAG_ENV = "FWS_TEST_RUN_TAG"
-"""Set to a fresh value for each test and each launch: every exec'd descendant inherits it, even once orphaned,
-so it finds leftovers that a parent/child walk would miss (re-parented to init after their parent died)."""
+"""Set to a fresh value for each test: every exec'd descendant inherits it, even once orphaned, so it finds
+leftovers that a parent/child walk would miss (re-parented to init after their parent died)."""
+
+LAUNCH_TAG_ENV = "FWS_TEST_LAUNCH_TAG"
+"""The same, per launch, so a launch's own leftovers are found (and blamed on it) as soon as it ends."""
 
 EXIT_GRACE_S = 5.0
 
 # Variables that would make a launch inherit someone else's world (the suite may itself run under SLURM or torchrun).
 _LAUNCH_VARS = re.compile(
     r"^(SLURM_.*|TORCHELASTIC_.*|LOCAL_RANK|RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|GROUP_WORLD_SIZE|ROLE_.*"
-    r"|NODE_RANK|MASTER_ADDR|MASTER_PORT|FABRIC_WEIGHTSYNC_.*|PL_.*|LT_.*|OMP_NUM_THREADS|PYTHONUNBUFFERED)$"
+    r"|NODE_RANK|MASTER_ADDR|MASTER_PORT|FABRIC_WEIGHTSYNC_.*|PL_.*|LT_.*|OMP_NUM_THREADS|PYTHONUNBUFFERED"
+    r"|FWS_TEST_LAUNCH_TAG)$"
 )
 
 
@@ -58,7 +62,7 @@ def _pythonpath() -> str:
 
 
 # ---------------------------------------------------------------------- leftover processes
-def tagged_processes(tag: str) -> list:
+def tagged_processes(tag: str, variable: str = RUN_TAG_ENV) -> list:
     found = []
     me = os.getpid()
     for proc in psutil.process_iter(["pid"]):
@@ -67,29 +71,39 @@ def tagged_processes(tag: str) -> list:
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if proc.environ().get(RUN_TAG_ENV) == tag:
+            if proc.environ().get(variable) == tag:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
 
 
+_SESSION_HELPERS = ("from multiprocessing.forkserver import main", "from multiprocessing.resource_tracker import main")
+
+
 def _live_children(baseline: set) -> list:
     alive = []
+    me = os.getpid()
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.pid not in baseline and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
+            if proc.pid in baseline or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            # multiprocessing starts these once per pytest process and keeps them on purpose until it exits.
+            if proc.ppid() == me and any(h in " ".join(proc.cmdline()) for h in _SESSION_HELPERS):
+                continue
+            alive.append(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return alive
 
 
-def wait_for_leftovers(tag: str, baseline: Optional[set] = None, grace: float = EXIT_GRACE_S) -> list[str]:
+def wait_for_leftovers(
+    tag: str, baseline: Optional[set] = None, grace: float = EXIT_GRACE_S, variable: str = RUN_TAG_ENV
+) -> list[str]:
     """Processes of this run still alive after ``grace`` seconds, described; they are killed so the next test is clean."""
     deadline = time.monotonic() + grace
     while True:
-        left = {p.pid: p for p in tagged_processes(tag)}
+        left = {p.pid: p for p in tagged_processes(tag, variable)}
         if baseline is not None:
             left.update((p.pid, p) for p in _live_children(baseline))
         if not left or time.monotonic() >= deadline:
@@ -167,7 +181,7 @@ def run_processes(
     procs = []
     for index, (cmd, env) in enumerate(zip(commands, envs)):
         logs = (open(out_dir / f"proc{index}.out", "w+"), open(out_dir / f"proc{index}.err", "w+"))
-        env = {**env, RUN_TAG_ENV: tag}
+        env = {**env, LAUNCH_TAG_ENV: tag}
         procs.append((subprocess.Popen(cmd, env=env, cwd=str(out_dir), stdout=logs[0], stderr=logs[1], start_new_session=True), logs))
     timed_out = False
     while any(proc.poll() is None for proc, _ in procs):
@@ -196,7 +210,7 @@ def run_processes(
     run = Run(commands[0] if len(commands) == 1 else commands, returncode, "".join(stdout), "".join(stderr), out_dir, wall, timed_out)
     if timed_out:
         run.stderr += f"\n[test harness] launch killed after {wall:.0f}s\n"
-    run.leftovers = wait_for_leftovers(tag)
+    run.leftovers = wait_for_leftovers(tag, variable=LAUNCH_TAG_ENV)
     return run
 
 
@@ -283,7 +297,7 @@ class Launch:
 
 LAUNCHES = {
     "popen": Launch("popen"),
-    "spawn": Launch("spawn"),
+    "spawn": Launch("spawn", workers=1),  # every spawned process re-imports Lightning: one worker is enough here
     "fork": Launch("fork"),
     "torchrun": Launch("torchrun", strategy="registry"),
     "torchrun-2nodes": Launch("torchrun", devices=1, workers=1, nodes=2),
