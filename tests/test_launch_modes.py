@@ -40,7 +40,8 @@ def assert_healthy(run: Run, launch: Launch) -> None:
 
     trainer = torch.load(run.out_dir / "trainer0.pt")
     for rank in range(1, training_ranks):
-        assert_same_weights(torch.load(run.out_dir / f"trainer{rank}.pt"), trainer, f"training rank {rank}")
+        other = torch.load(run.out_dir / f"trainer{rank}.pt")
+        assert_same_weights(other["weights"], trainer["weights"], f"training rank {rank}")
 
     finals = run.records("WORKER_DONE")
     assert sorted(w["worker_id"] for w in finals) == list(range(num_workers)), run.describe()
@@ -51,7 +52,11 @@ def assert_healthy(run: Run, launch: Launch) -> None:
         assert w["params_kept_identity"], "updates must land in the policy's own tensors"
         saved = torch.load(run.out_dir / f"worker{w['worker_id']}.pt")
         assert saved["versions"][-1] == launch.steps
-        assert_same_weights(saved["weights"], trainer, f"worker {w['worker_id']}")
+        assert_same_weights(saved["weights"], trainer["weights"], f"worker {w['worker_id']}")
+        # Every version applied on the way, not only the last, is exactly the trainer's weights after that many
+        # steps: the version label never disagrees with the content.
+        for version, weights in saved["seen"].items():
+            assert_same_weights(weights, trainer["history"][version], f"worker {w['worker_id']} at version {version}")
 
 
 def assert_same_weights(actual: dict, expected: dict, who: str) -> None:
@@ -128,12 +133,14 @@ SCRIPT_MODE_EXIT_DEADLOCK = (
     "mode", [pytest.param("popen", marks=pytest.mark.xfail(reason=SCRIPT_MODE_EXIT_DEADLOCK, strict=False)), "spawn"]
 )
 def test_worker_exception_fails_the_run(tmp_path, mode):
-    """Worker 0 raises after connecting; worker 1 is healthy and must be stopped with the rest."""
-    run = failing_launch(mode, worker_mode="raise").run(tmp_path)
+    """The worker raises after connecting; both training ranks must go down with the run."""
+    run = failing_launch(mode, devices=2, workers=1, worker_mode="raise").run(tmp_path)
     message = "injected failure in inference worker 0"
     assert_failed_naming(run, "RuntimeError", message)  # the worker's own traceback
-    assert_failed_naming(run, "WorkerFailedError")  # the trainer's error
-    assert run.output.count(message) >= 2, "the trainer's error should carry the worker's message"
+    assert_failed_naming(run, "inference worker 0 failed")  # rank 0 noticed and names it
+    # Rank 0 relays the worker's traceback. Not asserted: that WorkerFailedError is the error the launch ends
+    # with; in spawn mode torch sometimes reports training rank 1's "Connection closed by peer" first.
+    assert run.output.count(message) >= 2, "rank 0 should relay the worker's message"
 
 
 @pytest.mark.timeout(150)

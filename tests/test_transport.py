@@ -2,8 +2,8 @@
 TCPStore on a free port; worker peers (tests/scripts/transport_peers.py) run in separate processes and record
 what they received. Weights are compared exactly, versions included.
 
-Peers are forked from a forkserver that preloaded torch, tensordict and the package once per session: a fresh
-``spawn`` per peer would re-import Lightning (seconds each) without testing anything more.
+Peers are forked from a forkserver that imported the package once per session: a fresh ``spawn`` per peer would
+re-import Lightning (seconds each) without testing anything more.
 """
 
 import glob
@@ -88,7 +88,7 @@ def perturb(model, amount: float) -> dict:
     """Changes every weight and buffer (so each version is distinct) and returns the new exact values."""
     with torch.no_grad():
         for value in model.state_dict().values():
-            value.add_(int(amount) if not value.is_floating_point() else amount)
+            value.add_(amount if value.is_floating_point() else 1)
     return peers.snapshot(model)
 
 
@@ -106,7 +106,7 @@ def shm_files() -> set:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("channel", CHANNELS)
 def test_send_weights_and_receive_weights(store, start_peers, tmp_path, channel):
-    """Synchronous sends of a module, a TensorDict, a state_dict and a wire buffer; explicit and implicit versions."""
+    """Synchronous sends of a module, a TensorDict and a state_dict; implicit (last + 1) and explicit versions."""
     model = peers.make_policy(seed=0)
     transport = sender(store, model, channel=channel)
     context = start_peers(peers.receive_updates, 1, store.port, 4)
@@ -129,7 +129,7 @@ def test_send_weights_and_receive_weights(store, start_peers, tmp_path, channel)
 
     got = results(tmp_path)
     assert [version for version, _ in got["seen"]] == [0, 1, 2, 7, 8]
-    for (version, weights), (_, want) in zip(got["seen"], expected):
+    for (_, weights), (_, want) in zip(got["seen"], expected):
         assert_equal_weights(weights, want)
     assert got["kept_identity"], "received weights must be copied into the policy's own tensors"
     assert got["channel"] == EXPECTED_CHANNEL[channel], "the sender chooses the data plane, the receiver follows"
@@ -266,6 +266,7 @@ def test_send_and_receive_initial_weights_on_a_given_group(store, start_peers, t
     transport.send_initial_weights(model)
     assert transport.version == 0
     finish(context)
+    transport.close()
 
     got = results(tmp_path)
     assert got["version"] == 0
@@ -300,10 +301,11 @@ def test_schema_mismatch_raises_on_both_sides(store, start_peers, tmp_path, hidd
 
 
 @pytest.mark.timeout(60)
-def test_receive_weights_into_buffer_and_with_strategy(store, start_peers, tmp_path):
+@pytest.mark.parametrize("channel", ["group", "shm"])  # shm lands in the mapped file first: another code path
+def test_receive_weights_into_buffer_and_with_strategy(store, start_peers, tmp_path, channel):
     model = peers.make_policy(seed=0)
     own_initial = peers.snapshot(peers.make_policy(seed=100))  # what the peer's policy starts as
-    transport = sender(store, model)
+    transport = sender(store, model, channel=channel)
     context = start_peers(peers.receive_into_buffers, 1, store.port)
     transport.setup_connection_and_weights_on_sender()
     expected = [peers.snapshot(model)]
