@@ -215,7 +215,9 @@ class WeightSyncScheme:
         for link in self._links:
             link.abort()
         for link in self._links:
-            link.join(timeout=self.timeout)
+            # A dead worker's link may sit in a transfer that only its timeout ends; it is a daemon thread.
+            if link.status.alive:
+                link.join(timeout=min(self.timeout, 5.0))
         if self._monitor is not None:
             self._monitor.stop()
         for wire in self._buffers:
@@ -254,10 +256,10 @@ class WeightSyncScheme:
         """A worker (re)connected: serve it again from the newest version."""
         with self._cond:
             status.connected = True
+            status.beat = None  # heartbeat silence counts from (re)connect, not from a previous process or start
             if status.alive and status.error is None:
                 return
             status.alive, status.error, status.delivered_version = True, None, -1
-            status.beat = None  # the dead process's last beat says nothing about the new one
             self._raised.discard(status.worker_id)
         log.warning("fabric_weightsync: inference worker %d rejoined", status.worker_id)
 

@@ -377,9 +377,12 @@ class DistributedTransport:
                 received = weights
             if model is not None:
                 strategy.apply_weights(model, received)
-        self._channel.release()
-        self._store.set(self._key("out"), _ACK)
-        self._version = version
+        self._version = version  # applied: from here on the policy is this version, acked or not
+        try:
+            self._channel.release()
+            self._store.set(self._key("out"), _ACK)
+        except RuntimeError as err:
+            raise TransportError(f"Worker rank {self._rank}: update {version} was applied but could not be acknowledged: {err}") from err
         return received
 
     def _data_plane(self, operation, what: str):

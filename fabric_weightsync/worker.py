@@ -204,6 +204,7 @@ def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerCont
     store = context.control.store
     for stale in (error_key(context.rank), exit_key(context.rank), evicted_key(context.rank)):  # a previous process's
         store.delete_key(stale)
+    store.add(heartbeat_key(context.rank), 1)  # beat once now: the monitor may look before the thread's first beat
     heartbeat = _Heartbeat(context)
     heartbeat.start()
     code = "1"
