@@ -29,6 +29,26 @@ if TYPE_CHECKING:
     from fabric_weightsync.strategy import WeightSyncStrategy
 
 
+class TrainingCrash:
+    """Remembers that the training code raised: shutdown skips the final delivery, launchers stop waiting."""
+
+    crashed = False
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        cls._installed = True
+        previous = sys.excepthook
+
+        def hook(*exc_info: Any) -> None:
+            cls.crashed = True
+            previous(*exc_info)
+
+        sys.excepthook = hook
+
+
 class WeightSyncScriptLauncher(_Launcher):
     """``python train.py`` + ``fabric.launch()``, torchrun and SLURM.
 
@@ -74,6 +94,7 @@ class WeightSyncScriptLauncher(_Launcher):
             # and orphans would hang in collectives or wait for weights that never come.
             self.children[local_rank] = subprocess.Popen(command, env=child_env, cwd=cwd, preexec_fn=_die_with_parent)
         _ChildWatcher(self.strategy, self.children).start()
+        TrainingCrash.install()
         # Registered before rank 0's shutdown hook, so it runs after it (atexit is last-in, first-out).
         atexit.register(self.join_children)
 
@@ -84,6 +105,9 @@ class WeightSyncScriptLauncher(_Launcher):
         ranks may still be finishing, and workers still taking the final version from rank 0.
         """
         layout = self.strategy.layout
+        if TrainingCrash.crashed:  # training children may be blocked in a collective with this dead rank
+            _join_or_kill(list(self.children.values()), 0.0, wait=lambda proc, t: proc.wait(t))
+            return
         for rank, proc in self.children.items():
             if not layout.is_worker(rank):
                 proc.wait()

@@ -199,6 +199,11 @@ class WeightSyncScheme:
                 timeout=max(0.0, deadline - time.monotonic()),
             )
 
+    def report_late_failures(self) -> None:
+        """After :meth:`close` and the workers' exit: fail workers whose error arrived after the monitor stopped."""
+        if self._monitor is not None:
+            self._monitor.sweep()
+
     def raise_if_failed(self) -> None:
         if self.on_worker_failure != "raise":
             return
@@ -414,10 +419,19 @@ class _HeartbeatMonitor(threading.Thread):
                 if reason:
                     self.scheme.worker_failed(status.worker_id, reason)
 
+    def sweep(self) -> None:
+        """One last look at the workers' error reports (at shutdown, after the monitor stopped)."""
+        for status in self.scheme.workers:
+            if status.alive and self._store.check([error_key(status.rank)]):
+                self.scheme.worker_failed(status.worker_id, self._reported_error(status))
+
+    def _reported_error(self, status: WorkerStatus) -> str:
+        return "it raised:\n" + self._store.get(error_key(status.rank)).decode(errors="replace")
+
     def _check(self, status: WorkerStatus, now: float) -> Optional[str]:
         store = self._store
         if store.check([error_key(status.rank)]):
-            return "it raised:\n" + store.get(error_key(status.rank)).decode(errors="replace")
+            return self._reported_error(status)
         if store.check([exit_key(status.rank)]):
             code = store.get(exit_key(status.rank)).decode()
             if code == "0":

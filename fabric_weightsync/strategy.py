@@ -2,6 +2,7 @@
 
 import atexit
 import functools
+import logging
 import importlib
 import os
 import sys
@@ -18,8 +19,8 @@ from typing_extensions import override
 
 from fabric_weightsync.control import ControlPlane, exit_key
 from fabric_weightsync.environment import ProcessLayout, TrainingWorldEnvironment
-from fabric_weightsync.launchers import WeightSyncScriptLauncher, WeightSyncSpawnLauncher
-from fabric_weightsync.scheme import FailurePolicy, WeightSyncScheme
+from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
+from fabric_weightsync.scheme import FailurePolicy, WeightSyncScheme, WorkerFailedError
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
 from fabric_weightsync.worker import WorkerContext, run_worker
 
@@ -141,8 +142,8 @@ class WeightSyncStrategy(DDPStrategy):
                 on_worker_failure=self.on_worker_failure,
                 checksum=self.checksum,
             )
-            _CrashFlag.install()
-            atexit.register(self.shutdown)
+            TrainingCrash.install()
+            atexit.register(self._shutdown_at_exit)
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -218,7 +219,7 @@ class WeightSyncStrategy(DDPStrategy):
             try:
                 return function(*args, **kwargs)
             except BaseException:
-                _CrashFlag.crashed = True
+                TrainingCrash.crashed = True
                 raise
             finally:
                 self.shutdown()
@@ -236,12 +237,27 @@ class WeightSyncStrategy(DDPStrategy):
         self._shut_down = True
         scheme, control = self._scheme, self._control
         if scheme is not None and control is not None:
-            if scheme.module is not None and not _CrashFlag.crashed:
+            if scheme.module is not None and not TrainingCrash.crashed:
                 if not scheme.flush(self.shutdown_timeout):
                     rank_zero_info("fabric_weightsync: some workers did not take the final version in time")
             scheme.close()
             control.request_stop()
             _wait_for_exits(control, scheme, self.shutdown_timeout)
+            if not TrainingCrash.crashed:
+                scheme.report_late_failures()
+                scheme.raise_if_failed()  # a failure after the last push must still fail the run
+
+    def _shutdown_at_exit(self) -> None:
+        """:meth:`shutdown` at interpreter exit, where only ``os._exit`` can still make the exit code non-zero."""
+        try:
+            self.shutdown()
+        except WorkerFailedError as err:
+            print(f"[fabric_weightsync] {err}", file=sys.stderr, flush=True)
+            if isinstance(self._launcher, WeightSyncScriptLauncher):
+                self._launcher.join_children()
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(1)
 
     # ------------------------------------------------------------------ helpers
     def _main_address(self) -> str:
@@ -262,26 +278,6 @@ class WeightSyncStrategy(DDPStrategy):
                 description=f"DDP plus inference workers with weight sync, start_method={start_method!r}",
                 start_method=start_method,
             )
-
-
-class _CrashFlag:
-    """Remembers that the training code raised, so shutdown skips the final delivery."""
-
-    crashed = False
-    _installed = False
-
-    @classmethod
-    def install(cls) -> None:
-        if cls._installed:
-            return
-        cls._installed = True
-        previous = sys.excepthook
-
-        def hook(*exc_info: Any) -> None:
-            cls.crashed = True
-            previous(*exc_info)
-
-        sys.excepthook = hook
 
 
 def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float) -> None:

@@ -394,19 +394,10 @@ def test_worker_killed_mid_receive_training_continues(mid_receive_run):
 
 
 @pytest.mark.timeout(120)
-def test_shutdown_is_prompt_after_a_worker_died_mid_receive(request, mid_receive_run):
+def test_shutdown_is_prompt_after_a_worker_died_mid_receive(mid_receive_run):
     """Training is over once FINAL is printed: the survivor is told to stop and rank 0 exits within seconds,
     not after the transfer timeout of the send that was in flight to the dead worker."""
     launch, trainer, transport = mid_receive_run
-    if transport == "gloo":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="BUG: WeightSyncScheme.close() joins each link for up to sync_timeout, and the dead worker's "
-                "link is stuck in GroupChannel.wait_sent (a gloo send to a dead peer, which abort() cannot "
-                "interrupt): shutdown and the survivors' stop wait out sync_timeout",
-                strict=False,
-            )
-        )
     final = launch.one("FINAL")
     survivor = launch.one("WORKER_DONE", worker_id=1)
     stopped_after, exited_after = survivor["t"] - final["t"], trainer.exit_time - final["t"]
@@ -480,13 +471,6 @@ def test_worker_dead_before_first_heartbeat_is_detected(slurm_faults):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(
-    reason="BUG (d7d2134): _HeartbeatMonitor._check times a connected worker's silence from the first time it "
-    "read the beat count (at scheme start), and a worker's first beat comes HEARTBEAT_INTERVAL after its "
-    "process started: a worker that starts more than heartbeat_timeout after the trainer is declared dead as "
-    "soon as it connects",
-    strict=False,
-)
 def test_late_starting_worker_is_not_declared_dead(slurm_faults):
     """A healthy worker that started late (and connected before its first beat) is never declared dead."""
     run, procs, _ = slurm_faults
@@ -587,16 +571,7 @@ def test_hung_worker_is_evicted_then_resyncs(rejoin_run):
     "transport, behaviours",
     [
         pytest.param("gloo", "0=kill_trainer:3,1=sleeper", id="gloo"),
-        pytest.param(
-            "shm",
-            "0=kill_trainer:3",
-            id="shm",
-            marks=pytest.mark.xfail(
-                reason="BUG: an shm update fully copied into the policy is not counted when its ack fails "
-                "(DistributedTransport._receive sets _version only after the ack): policy and version disagree",
-                strict=False,
-            ),
-        ),
+        pytest.param("shm", "0=kill_trainer:3", id="shm"),
     ],
 )
 def test_trainer_killed_mid_transfer(launch, transport, behaviours):
