@@ -135,20 +135,8 @@ def test_send_weights_and_receive_weights(store, start_peers, tmp_path, channel)
     assert got["channel"] == EXPECTED_CHANNEL[channel], "the sender chooses the data plane, the receiver follows"
 
 
-WIRE_OVER_SHM_BUG = (
-    "send_weights(wire buffer) is documented, but the shm channel rejects a wire buffer not made by SharedWireBuffer"
-    " (ChannelError from SharedMemoryChannel.post) after the worker was told an update is coming"
-)
-
-GIVEN_INITIAL_OVER_SHM_BUG = (
-    "with the shm channel, setup_connection_and_weights_on_sender(weights=...) keeps the transport's private (not"
-    " shared) wire buffer, so the initial send fails with 'the shared-memory channel needs a wire buffer made by"
-    " SharedWireBuffer', and every later send_weights too"
-)
-
-
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("channel", ["group", pytest.param("shm", marks=pytest.mark.xfail(reason=WIRE_OVER_SHM_BUG, strict=False))])
+@pytest.mark.parametrize("channel", ["group", "shm"])
 def test_send_weights_from_a_wire_buffer(store, start_peers, tmp_path, channel):
     """A caller-made wire buffer is sent as is, with the version given."""
     model = peers.make_policy(seed=0)
@@ -167,7 +155,7 @@ def test_send_weights_from_a_wire_buffer(store, start_peers, tmp_path, channel):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("channel", ["group", pytest.param("shm", marks=pytest.mark.xfail(reason=GIVEN_INITIAL_OVER_SHM_BUG, strict=False))])
+@pytest.mark.parametrize("channel", ["group", "shm"])
 def test_setup_connection_with_given_initial_weights(store, start_peers, tmp_path, channel):
     """``setup_connection_and_weights_on_sender(weights)`` sends those weights, not the transport's copy."""
     model = peers.make_policy(seed=0)
