@@ -2,8 +2,9 @@
 
 For each mode: the run exits 0, training code runs on training ranks only, workers run worker_fn with the right
 context, and after the final push each worker holds exactly the trainer's weights at version == step count,
-having seen strictly increasing versions. Failure modes: a worker that raises, and a worker whose policy has a
-different architecture, both fail the run with the cause in its output.
+having seen strictly increasing versions, each exactly the trainer's weights after that many steps. Failure
+modes: a worker that raises (mid-run, or with no push after it) and a worker whose policy has a different
+architecture fail the run promptly, with the cause in its output and no process left behind.
 """
 
 import pytest
