@@ -286,13 +286,16 @@ def train_until_worker_fails(fabric: Fabric, out_dir: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_worker_failure_reaches_the_waiting_trainer(tmp_path: Path) -> None:
-    launch(
-        train_until_worker_fails,
-        functools.partial(failing_worker, out_dir=str(tmp_path)),
-        devices=1,
-        workers=1,
-        out_dir=str(tmp_path),
-    )
+    """A trainer blocked in get() learns of the failure at once, not at its next push; the run then fails."""
+    # The strategy fails the run at shutdown too, for a failure it saw after the last push.
+    with pytest.raises(Exception, match="injected failure in worker 0"):
+        launch(
+            train_until_worker_fails,
+            functools.partial(failing_worker, out_dir=str(tmp_path)),
+            devices=1,
+            workers=1,
+            out_dir=str(tmp_path),
+        )
     error = read_json(tmp_path / "rank0.json")["error"]
     assert error is not None and error.startswith("WorkerFailedError")
     assert "injected failure in worker 0" in error
