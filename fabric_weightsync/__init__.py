@@ -3,6 +3,13 @@
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 
 from fabric_weightsync.callbacks import WeightSyncCallback
+from fabric_weightsync.experience import (
+    ExperienceBatch,
+    ExperienceError,
+    ExperienceSchemaError,
+    ExperienceStream,
+    ExperienceTimeout,
+)
 from fabric_weightsync.scheme import WeightSyncScheme, WorkerFailedError
 from fabric_weightsync.strategy import WeightSyncStrategy
 from fabric_weightsync.transport import DistributedTransport, TransportError
@@ -13,6 +20,11 @@ WeightSyncStrategy.register_strategies(STRATEGY_REGISTRY)
 
 __all__ = [
     "DistributedTransport",
+    "ExperienceBatch",
+    "ExperienceError",
+    "ExperienceSchemaError",
+    "ExperienceStream",
+    "ExperienceTimeout",
     "SchemaMismatchError",
     "TransportError",
     "WeightReceiver",

@@ -129,6 +129,8 @@ class SharedMemoryChannel:
     def receive(self, wire: TensorDictBase, tag: int) -> TensorDictBase:
         """The sender's (pinned) staging buffer to copy from; call :meth:`release` after the copy, before the ack."""
         path = await_key(self.store, self.slot_key, "for the sender to name a shared-memory slot").decode()
+        if not path:  # the key was deleted between the wait and the read: the sender withdrew this update
+            raise ChannelError("the sender withdrew the update before naming a shared-memory slot")
         if path not in self._mapped:
             self._mapped[path] = SharedWireBuffer.open(path, WeightSchema.of(wire[WEIGHTS_KEY]))
         return self._mapped[path]

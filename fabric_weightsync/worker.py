@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fabric_weightsync.control import STOP_KEY, ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
-from fabric_weightsync.transport import DistributedTransport
+from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import WeightStrategy
 
 if TYPE_CHECKING:
@@ -71,8 +71,18 @@ class WeightReceiver:
 
     def poll(self) -> bool:
         """Apply a pending update if there is one, without waiting; returns whether one was applied."""
+        return self._receive(0.0)
+
+    def _receive(self, timeout: float) -> bool:
         self._rejoin_if_evicted()
-        return self._transport.receive_weights(0.0, model=self._policy, strategy=self._strategy) is not None
+        try:
+            return self._transport.receive_weights(timeout, model=self._policy, strategy=self._strategy) is not None
+        except TransportError:
+            # A worker resumed after an eviction can find its update withdrawn mid-receive: reconnect, don't die.
+            if not self._context.check_evicted():
+                raise
+            self._rejoin_if_evicted()
+            return False
 
     def wait_for_update(self, timeout: float) -> bool:
         """Block until a newer version is applied (``True``), or ``timeout`` passes or training stops (``False``)."""
@@ -81,9 +91,7 @@ class WeightReceiver:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._context.stop_requested:
                 return False
-            step = min(remaining, 0.1)
-            self._rejoin_if_evicted()
-            if self._transport.receive_weights(step, model=self._policy, strategy=self._strategy) is not None:
+            if self._receive(min(remaining, 0.1)):
                 return True
 
 
@@ -159,6 +167,11 @@ class WorkerContext:
             except RuntimeError:  # the store died with training rank 0
                 self._stop = True
         return self._stop
+
+    def check_evicted(self) -> bool:
+        """Whether rank 0 gave up on this worker, asking the store now (the heartbeat thread looks twice a second)."""
+        self.evicted = self.evicted or self.control.store.check([evicted_key(self.rank)])
+        return self.evicted
 
     def request_local_stop(self) -> None:
         self._stop = True
