@@ -22,7 +22,7 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 from collections import deque  # noqa: E402
-from dataclasses import MISSING, asdict, dataclass, field, fields  # noqa: E402
+from dataclasses import MISSING, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDictBase
 
 from fabric_weightsync.weights import WEIGHTS_KEY, WeightSchema, wire_nbytes, wire_storage, wire_views
 

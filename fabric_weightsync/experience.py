@@ -37,7 +37,7 @@ from tensordict import TensorDict, TensorDictBase, is_leaf_nontensor, is_non_ten
 
 from fabric_weightsync.control import STOP_KEY, error_key, exit_key
 from fabric_weightsync.scheme import WorkerFailedError
-from fabric_weightsync.transport import new_pair_group
+from fabric_weightsync.channels import new_pair_group
 from fabric_weightsync.weights import SchemaMismatchError
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tensordict import TensorDictBase
 from torch import nn
 
-from fabric_weightsync.channels import (  # noqa: F401  (new_pair_group is re-exported for users of this module)
+from fabric_weightsync.channels import (
     ChannelError,
     GroupChannel,
     StoreTimeout,
@@ -35,7 +35,6 @@ from fabric_weightsync.channels import (  # noqa: F401  (new_pair_group is re-ex
     SharedMemoryChannel,
     SharedWireBuffer,
     host_id,
-    new_pair_group,
     new_run_id,
 )
 from fabric_weightsync.weights import (

@@ -45,7 +45,7 @@ def test_corrupt_update_is_refused_and_the_policy_keeps_its_version(channel: str
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    store = _store(port, True)
+    server = _store(port, True)  # hosts the store for both sides until the test ends
     out = str(tmp_path / "worker.pt")
     # fork: no semaphore, so no resource tracker outliving the test (the leftover check would flag it)
     peer = mp.get_context("fork").Process(target=_worker, args=(port, out))
@@ -76,6 +76,7 @@ def test_corrupt_update_is_refused_and_the_policy_keeps_its_version(channel: str
         expected = make_wire_buffer(trainer)["weights"]
         assert sums != [t.sum().item() for t in expected.values()]
         transport.close()
+        assert not server.check(["NODE_1_in"]) and not server.check(["NODE_1_slot"])  # close() cleaned up
     finally:
         peer.join(30)
         if peer.is_alive():

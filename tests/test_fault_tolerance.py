@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import clean_env, free_port
 from torch import nn
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -44,26 +44,9 @@ TRAINER_LOST_BOUND = 15.0
 
 SURVIVOR_GRACE = 5.0
 
-# Variables that would make a launch join someone else's world (the suite itself may run under SLURM or torchrun).
-_LAUNCH_VARS = re.compile(
-    r"^(SLURM_.*|TORCHELASTIC_.*|LOCAL_RANK|RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|GROUP_WORLD_SIZE|ROLE_.*"
-    r"|NODE_RANK|MASTER_ADDR|MASTER_PORT|FABRIC_WEIGHTSYNC_.*|PL_.*|LT_.*|OMP_NUM_THREADS)$"
-)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def base_env(master_port: Optional[int]) -> dict:
-    env = {k: v for k, v in os.environ.items() if not _LAUNCH_VARS.match(k)}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    if master_port is not None:
-        env["MASTER_PORT"] = str(master_port)
-    return env
+    extra = {"MASTER_PORT": str(master_port)} if master_port is not None else {}
+    return clean_env(PYTHONUNBUFFERED="1", **extra)
 
 
 def slurm_envs(env: dict, ntasks: int) -> list[dict]:

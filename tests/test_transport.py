@@ -21,7 +21,7 @@ from tensordict import TensorDict
 
 from conftest import SCRIPTS_DIR
 from fabric_weightsync import DistributedTransport, SchemaMismatchError
-from fabric_weightsync.transport import new_pair_group
+from fabric_weightsync.channels import new_pair_group
 from fabric_weightsync.weights import make_wire_buffer
 
 sys.path.insert(0, str(SCRIPTS_DIR))

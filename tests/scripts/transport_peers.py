@@ -15,7 +15,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from fabric_weightsync import DistributedTransport, SchemaMismatchError, WeightStrategy
-from fabric_weightsync.transport import new_pair_group
+from fabric_weightsync.channels import new_pair_group
 
 torch.set_num_threads(1)
 
