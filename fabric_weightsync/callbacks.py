@@ -19,8 +19,8 @@ class WeightSyncCallback:
     Args:
         every_n_steps: push every n-th step of the trigger optimizer; the final version is always delivered.
         optimizer: the optimizer whose steps count and trigger pushes (raw or as returned by
-            ``fabric.setup``). Default: the first optimizer that steps, so with several optimizers (e.g. actor
-            and critic) there is still one push per training step.
+            ``fabric.setup``; or set :attr:`trigger_optimizer` later). Default: the first optimizer that steps,
+            so with several optimizers (e.g. actor and critic) there is still one push per training step.
     """
 
     def __init__(self, every_n_steps: int = 1, optimizer: Optional[Optimizer] = None) -> None:
@@ -30,6 +30,15 @@ class WeightSyncCallback:
         self.step = 0
         self._trigger = _unwrap(optimizer) if optimizer is not None else None
         self._strategy: Optional[WeightSyncStrategy] = None
+
+    @property
+    def trigger_optimizer(self) -> Optional[Optimizer]:
+        """The optimizer whose steps count; settable once it exists (``Fabric`` needs the callback before)."""
+        return self._trigger
+
+    @trigger_optimizer.setter
+    def trigger_optimizer(self, optimizer: Optimizer) -> None:
+        self._trigger = _unwrap(optimizer)
 
     def on_after_optimizer_step(self, strategy: Strategy, optimizer: Optimizer) -> None:
         if not isinstance(strategy, WeightSyncStrategy):
