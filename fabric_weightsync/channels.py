@@ -9,6 +9,7 @@
 Both are driven by :class:`~fabric_weightsync.transport.DistributedTransport`, which owns the store signalling.
 """
 
+import functools
 import os
 import socket
 import uuid
@@ -145,7 +146,8 @@ class SharedWireBuffer:
 
     @staticmethod
     def create(schema: WeightSchema, run_id: str, index: int) -> TensorDictBase:
-        path = os.path.join(shm_dir(), f"fabric_weightsync-{run_id}-{index}")
+        sweep_stale_files()
+        path = os.path.join(shm_dir(), f"{_SHM_PREFIX}{run_id}-{index}")
         if os.path.exists(path):
             os.unlink(path)
         return SharedWireBuffer._map(path, schema)
@@ -183,8 +185,38 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+_SHM_PREFIX = "fabric_weightsync-"
+
+
 def new_run_id() -> str:
-    return uuid.uuid4().hex[:12]
+    """Unique per run, led by the creating pid so that files of a process that died can be found."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+@functools.lru_cache(maxsize=None)
+def sweep_stale_files() -> None:
+    """Remove (once per process) shared-memory files whose creating process is gone.
+
+    A trainer killed by SIGKILL or the OOM killer cannot unlink its staging files, and ``/dev/shm`` is RAM: the
+    next run on the host reclaims them. Mappings that workers still hold stay valid after the unlink.
+    """
+    for name in os.listdir(shm_dir()):
+        pid = name[len(_SHM_PREFIX) :].split("-", 1)[0] if name.startswith(_SHM_PREFIX) else ""
+        if pid.isdigit() and not _process_exists(int(pid)):
+            try:
+                os.unlink(os.path.join(shm_dir(), name))
+            except OSError:  # another process swept it first
+                pass
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def new_pair_group(store: dist.Store, name: str, group_rank: int, backend: str, timeout: float) -> dist.ProcessGroup:

@@ -82,3 +82,4 @@ def test_corrupt_update_is_refused_and_the_policy_keeps_its_version(channel: str
         if peer.is_alive():
             peer.kill()
     assert peer.exitcode == 0
+
