@@ -30,9 +30,9 @@ from fabric_weightsync.weights import (
     WEIGHTS_KEY,
     SchemaMismatchError,
     WeightSchema,
+    LayoutProbe,
     make_wire_buffer,
     named_weights,
-    LayoutProbe,
     unwrap,
     weights_checksum,
 )
@@ -64,6 +64,14 @@ class WorkerStatus:
         return self.worker_id + 1
 
 
+def split_transport(transport: str) -> tuple[str, str]:
+    """A ``transport`` choice as the pair group's backend and the transport's channel preference."""
+    planes = {"auto": ("gloo", "auto"), "shm": ("gloo", "shm"), "gloo": ("gloo", "group"), "nccl": ("nccl", "group")}
+    if transport not in planes:
+        raise ValueError(f"transport must be 'auto', 'shm', 'gloo' or 'nccl', got {transport!r}")
+    return planes[transport]
+
+
 class WeightSyncScheme:
     """Delivers the newest weights of one module to every worker, never blocking the trainer.
 
@@ -93,8 +101,7 @@ class WeightSyncScheme:
     ) -> None:
         if on_worker_failure not in ("raise", "continue"):
             raise ValueError(f"on_worker_failure must be 'raise' or 'continue', got {on_worker_failure!r}")
-        if transport not in ("auto", "shm", "gloo", "nccl"):
-            raise ValueError(f"transport must be 'auto', 'shm', 'gloo' or 'nccl', got {transport!r}")
+        self.backend, self.channel = split_transport(transport)
         self.control = control
         self.transport = transport
         self.timeout = timeout
@@ -140,11 +147,11 @@ class WeightSyncScheme:
         self._layout_probe = LayoutProbe(unwrap(module), self._schema)
         # Staging lives where the data plane reads it: host memory for gloo and shared memory (a GPU
         # trainer pays one device-to-host copy per push), the GPU for nccl.
-        if self.transport in ("auto", "shm"):  # shm-backed staging costs no extra memory and serves both planes
+        if self.channel != "group":  # shm-backed staging costs no extra memory and serves both planes
             run_id = new_run_id()
             self._buffers = [SharedWireBuffer.create(self._schema, run_id, i) for i in (0, 1)]
         else:
-            device = self._sources[0].device if self.transport == "nccl" and self._sources else torch.device("cpu")
+            device = self._sources[0].device if self.backend == "nccl" and self._sources else torch.device("cpu")
             self._buffers = [make_wire_buffer(named, device=device) for _ in (0, 1)]
         self._targets = [list(wire[WEIGHTS_KEY].values()) for wire in self._buffers]
         self._version_slots = [wire[VERSION_KEY] for wire in self._buffers]
@@ -338,8 +345,8 @@ class _WorkerLink(threading.Thread):
                 weights_buffer=self.scheme._buffers[0],
                 store=self.store,
                 rank=self.status.rank,
-                backend="nccl" if self.scheme.transport == "nccl" else "gloo",
-                channel={"auto": "auto", "shm": "shm"}.get(self.scheme.transport, "group"),
+                backend=self.scheme.backend,
+                channel=self.scheme.channel,
                 timeout=self.scheme.timeout,
                 group_name=f"fws/pg/{self.status.rank}/{epoch}",
             )

@@ -20,7 +20,7 @@ from typing_extensions import override
 from fabric_weightsync.control import ControlPlane, exit_key
 from fabric_weightsync.environment import ProcessLayout, TrainingWorldEnvironment
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
-from fabric_weightsync.scheme import FailurePolicy, WeightSyncScheme, WorkerFailedError
+from fabric_weightsync.scheme import FailurePolicy, WeightSyncScheme, WorkerFailedError, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
 from fabric_weightsync.worker import WorkerContext, run_worker
 
@@ -192,7 +192,7 @@ class WeightSyncStrategy(DDPStrategy):
                 node_rank=node_rank,
                 device=self._worker_device(local_rank - layout.devices),
                 control=ControlPlane.join(self._main_address(), env.main_port, self.sync_timeout),
-                backend="nccl" if self.transport == "nccl" else "gloo",
+                backend=split_transport(self.transport)[0],
                 timeout=self.sync_timeout,
                 num_training_ranks=layout.devices * layout.num_nodes,
             )

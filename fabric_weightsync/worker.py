@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch import nn
 
-from fabric_weightsync.control import STOP_KEY, ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
+from fabric_weightsync.control import ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import WeightStrategy
 
@@ -163,7 +163,7 @@ class WorkerContext:
         """True once training has ended (the trainer delivered the final version first) or was lost."""
         if not self._stop:
             try:
-                self._stop = self.control.store.check([STOP_KEY])
+                self._stop = self.control.stop_requested()
             except RuntimeError:  # the store died with training rank 0
                 self._stop = True
         return self._stop
