@@ -408,14 +408,14 @@ class _ModuleTargets:
         self._sources: dict[int, tuple[TensorDictBase, list[torch.Tensor]]] = {}
 
     def copy(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
-        if model is not self._model or not self._probe.unchanged(self._tensors):
+        if model is not self._model or not self._probe.unchanged():
             module = unwrap(model)
             targets = named_weights(module)
             names = [name for name, _, _ in schema.entries]
             if len(targets) != len(names) or any(name not in targets for name in names):
                 WeightStrategy().apply_weights(model, source[WEIGHTS_KEY])  # raises the precise mismatch
             self._model, self._tensors = model, [targets[name] for name in names]
-            self._probe = LayoutProbe(module, schema)
+            self._probe = LayoutProbe(module, schema, self._tensors)
         cached = self._sources.get(id(source))
         if cached is None or cached[0] is not source:  # landing buffers are few and long-lived: list them once
             cached = self._sources[id(source)] = (source, list(source[WEIGHTS_KEY].values()))

@@ -1,0 +1,66 @@
+"""The trainer's weights re-homed into one storage laid out like the wire, so staging an update is one memcpy.
+
+A module's parameters and buffers normally live in as many allocations as there are tensors; copying them into
+a staging buffer then costs one kernel launch (or one loop iteration of ``_foreach_copy_``) per tensor, which is
+what dominates the push of a small policy. :class:`FlatWeights` moves each tensor's data into a slice of a single
+storage with exactly the wire buffer's layout (``p.data = slice``: the ``Parameter`` objects, and so the
+optimizer's and DDP's references to them, stay the same), after which a push copies one contiguous byte range.
+
+Only plain tensors are moved: strided, contiguous, owning their whole storage, not shared with another process
+and all on one device. Anything else (a view of another tensor, a channels-last weight, a tensor subclass, a
+``share_memory()`` module) keeps its memory and the scheme copies tensor by tensor, as before.
+"""
+
+from typing import Optional
+
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+
+from fabric_weightsync.weights import WEIGHTS_KEY, LayoutProbe, WeightSchema, weights_offset, wire_nbytes, wire_storage, wire_views
+
+
+class FlatWeights:
+    """``module``'s weights living in one wire-layout storage; :meth:`stage_into` copies them in one go."""
+
+    def __init__(self, module: nn.Module, schema: WeightSchema, storage: torch.Tensor, sources: list[torch.Tensor]) -> None:
+        self.storage = storage
+        self._span = slice(weights_offset(), storage.numel())
+        self._weights_bytes = storage[self._span]
+        self._destinations: dict[int, tuple[TensorDictBase, torch.Tensor]] = {}
+        self.probe = LayoutProbe(module, schema, sources, pin_addresses=True)
+        """Whether every weight still is the same tensor at its place in :attr:`storage` (a few us per push)."""
+
+    @classmethod
+    def adopt(cls, module: nn.Module, schema: WeightSchema, sources: list[torch.Tensor]) -> Optional["FlatWeights"]:
+        """Move ``sources`` (``module``'s weights in schema order) into one storage; ``None`` if they can't be."""
+        if not sources or not all(map(_is_plain, sources)) or len({t.device for t in sources}) != 1:
+            return None
+        storage = torch.empty(wire_nbytes(schema), dtype=torch.uint8, device=sources[0].device)
+        storage[: weights_offset()].zero_()
+        views = list(wire_views(schema, storage)[WEIGHTS_KEY].values())
+        with torch.no_grad():
+            for tensor, view in zip(sources, views):
+                view.copy_(tensor)
+                tensor.data = view
+        return cls(module, schema, storage, sources)
+
+    def stage_into(self, wire: TensorDictBase) -> None:
+        """Copy every weight into ``wire`` (a wire buffer of the same schema) as one contiguous copy."""
+        cached = self._destinations.get(id(wire))
+        if cached is None or cached[0] is not wire:  # staging buffers are few and long-lived: slice them once
+            cached = self._destinations[id(wire)] = (wire, wire_storage(wire)[self._span])
+        cached[1].copy_(self._weights_bytes)  # raw bytes, outside autograd: no no_grad() needed
+
+
+def _is_plain(tensor: torch.Tensor) -> bool:
+    data = tensor.data
+    return (
+        type(data) is torch.Tensor
+        and data.layout == torch.strided
+        and data.device.type != "meta"
+        and data.is_contiguous()
+        and data.storage_offset() == 0
+        and data.untyped_storage().nbytes() == data.numel() * data.element_size()
+        and not (data.device.type == "cpu" and data.is_shared())  # CUDA tensors always report shared
+    )
