@@ -2,25 +2,31 @@
 
 - :class:`GroupChannel`: one ``send`` of the wire buffer's single storage on a standalone two-rank process
   group (gloo, or nccl for CUDA tensors on distinct GPUs). Works across hosts.
-- :class:`SharedMemoryChannel`: the sender's staging buffers are files in ``/dev/shm``; the sender names the
-  file to read, the worker copies from it straight into its policy and acks, and the sender keeps that file
-  untouched until the ack. One memcpy per worker, no network stack. Same host only.
+- :class:`SharedMemoryChannel`: the sender's staging buffers are files in ``/dev/shm`` and a board in a third
+  file says which one holds the newest version; the worker copies from it straight into its policy under a
+  shared file lock and writes its ack on the board. One memcpy per worker, no network stack and no store
+  round trip per update. Same host only.
 
-Both are driven by :class:`~fabric_weightsync.transport.DistributedTransport`, which owns the store signalling.
+Both are driven by :class:`~fabric_weightsync.transport.DistributedTransport`; the group channel's signalling
+goes through the store (instruction, ready and ack keys), the shared-memory channel's through the board.
 """
 
+import contextlib
+import fcntl
 import functools
 import os
 import socket
+import threading
+import time
 import uuid
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from tensordict import TensorDictBase
 
-from fabric_weightsync.weights import WEIGHTS_KEY, WeightSchema, wire_nbytes, wire_storage, wire_views
+from fabric_weightsync.weights import VERSION_KEY, WeightSchema, wire_nbytes, wire_storage, wire_views
 
 
 class ChannelError(RuntimeError):
@@ -62,6 +68,9 @@ class GroupChannel:
         if self.group is None:
             self.group = new_pair_group(self.store, self.group_name, group_rank, self.backend, self.timeout)
 
+    def writing(self, wire: TensorDictBase) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # a send in flight is waited out by the transport before it restages
+
     def post(self, wire: TensorDictBase, tag: int) -> None:
         self._pending = self._group().send([wire_storage(wire)], 1, tag)
 
@@ -93,52 +102,209 @@ class GroupChannel:
 
 
 class SharedMemoryChannel:
-    """The sender's wire buffers are ``/dev/shm`` files; an update is "read file F", then an ack.
+    """Same-host data plane: staging buffers and a *board* in ``/dev/shm``, with no store round trip per update.
 
-    The slot key (``NODE_{rank}_slot``) names the file to read; the worker copies it into its buffer (or its
-    policy) and acks, and only then may the sender overwrite that file, so the copy is always consistent even
-    if the sender dies mid-way.
+    The board (:class:`SharedStaging`) holds the newest publication (a sequence number, which buffer, which
+    version) and, per worker rank, the sequence and version it last applied. A worker's poll is a read of
+    that memory; to take an update it holds a shared ``flock`` on the buffer's file while it copies, and the
+    sender only writes a buffer it can lock exclusively without waiting, so a buffer is never read while it is
+    written, a trainer never waits on a reader, and a reader that dies releases its lock with its process.
     """
 
     name = "shm"
 
-    def __init__(self, store: dist.Store, slot_key: str, ack_key: str, timeout: float) -> None:
-        self.store = store
-        self.slot_key = slot_key
-        self.ack_key = ack_key
+    def __init__(self, staging: "SharedStaging", rank: int, timeout: float, aborted: Callable[[], bool]) -> None:
+        self.staging = staging
+        self.rank = rank
         self.timeout = timeout
-        self._mapped: dict[str, TensorDictBase] = {}
-        self._posted = False
+        self._aborted = aborted
+        self._posted = 0
+        self._taken = 0
+        self._locked: Optional[int] = None
 
     def connect(self, group_rank: int) -> None:
-        pass  # files are mapped on first use
+        pass  # both ends mapped the files already
+
+    # ------------------------------------------------------------------ sender
+    @contextlib.contextmanager
+    def writing(self, wire: TensorDictBase) -> Iterator[None]:
+        """Hold ``wire``'s file exclusively while the sender rewrites it (waits out a worker's copy)."""
+        index = self.staging.index_of(wire)
+        self._wait(lambda: self.staging.try_lock(index), "for a worker to finish copying from shared memory")
+        try:
+            yield
+        finally:
+            self.staging.unlock(index)
 
     def post(self, wire: TensorDictBase, tag: int) -> None:
-        path = getattr(wire, "_fws_shm_path", None)
-        if path is None:
-            raise ChannelError("the shared-memory channel needs a wire buffer made by SharedWireBuffer")
-        self.store.set(self.slot_key, path.encode())
-        self._posted = True
+        self._posted = self.staging.publish(self.staging.index_of(wire))
 
     def wait_sent(self) -> Optional[bytes]:
-        """The buffer is free once the worker acked its copy: returns that ack."""
-        if not self._posted:
-            return None
-        self._posted = False
-        return await_key(self.store, self.ack_key, "for the worker to copy from shared memory")
+        """The buffer is free once the worker applied this publication or a newer one: returns its ack."""
+        self._wait(lambda: self.staging.acked(self.rank)[0] >= self._posted, "for the worker to copy from shared memory")
+        return _ACK if self.staging.acked(self.rank)[1] != REFUSED else b"checksum mismatch"
+
+    # ------------------------------------------------------------------ receiver
+    def take_notice(self, timeout: float) -> bool:
+        """Whether a publication newer than the last one taken appears within ``timeout`` (0: look once)."""
+        return self._wait(lambda: self.staging.published()[0] > self._taken, None, timeout)
 
     def receive(self, wire: TensorDictBase, tag: int) -> TensorDictBase:
-        """The sender's (pinned) staging buffer to copy from; call :meth:`release` after the copy, before the ack."""
-        path = await_key(self.store, self.slot_key, "for the sender to name a shared-memory slot").decode()
-        if not path:  # the key was deleted between the wait and the read: the sender withdrew this update
-            raise ChannelError("the sender withdrew the update before naming a shared-memory slot")
-        if path not in self._mapped:
-            self._mapped[path] = SharedWireBuffer.open(path, WeightSchema.of(wire[WEIGHTS_KEY]))
-        return self._mapped[path]
+        """The newest published buffer, locked for reading; call :meth:`release` after the copy, before the ack."""
+        self._wait(self._lock_newest, "for the sender to publish an update in shared memory")
+        return self.staging.buffers[self._locked]
 
     def release(self) -> None:
-        # Before the ack: once acked, the sender may name the next slot, which must not be deleted.
-        self.store.delete_key(self.slot_key)
+        if self._locked is not None:
+            self.staging.unlock(self._locked)
+            self._locked = None
+
+    def acknowledge(self, version: int) -> None:
+        self.staging.acknowledge(self.rank, self._taken, version)
+
+    def _lock_newest(self) -> bool:
+        sequence, index, version = self.staging.published()
+        if sequence <= self._taken or not self.staging.try_lock(index, shared=True):
+            return False
+        # Locked: nothing writes the buffer now. It must still hold what was published (a sender may have
+        # rewritten it since), or a checksum stamped for that version would not match.
+        if self.staging.published() != (sequence, index, version) or self.staging.version_in(index) != version:
+            self.staging.unlock(index)
+            return False
+        self._taken, self._locked = sequence, index
+        return True
+
+    def _wait(self, ready: Callable[[], bool], what: Optional[str], timeout: Optional[float] = None) -> bool:
+        """Poll ``ready`` (a memory read) with a growing pause; ``what`` set: raise :class:`StoreTimeout` on time out."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        pause = 0.00005
+        while not ready():
+            if self._aborted():
+                raise ChannelError("the transport was aborted")
+            if time.monotonic() >= deadline:
+                if what is None:
+                    return False
+                raise StoreTimeout(f"Timed out waiting {what} (worker rank {self.rank}, board {self.staging.board_path})")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+        return True
+
+
+REFUSED = -2
+"""The version a worker acknowledges for an update it refused (its checksum did not match)."""
+
+_ACK = b"updated"
+
+
+class SharedStaging:
+    """Wire buffers in ``/dev/shm`` plus the board that publishes the newest one; both ends map the same files.
+
+    The sender creates it (:meth:`create`) and names its files to the worker at connect; the worker maps them
+    (:meth:`open`). Board rows are int64 pairs: row 0 = (sequence << 4 | buffer index, version) of the newest
+    publication, row ``r`` = (sequence, version) that the worker of rank ``r`` last applied. Each word is
+    written in one aligned store, and readers re-check what they read under the buffer's lock.
+    """
+
+    def __init__(self, schema: WeightSchema, buffers: list[TensorDictBase], board_path: str, owner: bool) -> None:
+        self.schema = schema
+        self.buffers = buffers
+        self.board_path = board_path
+        self._owner = owner
+        self._board = _map_words(board_path, None).reshape(-1, 2).numpy()
+        self._files = [os.open(wire._fws_shm_path, os.O_RDONLY) for wire in buffers]
+        self._versions = [wire[VERSION_KEY].view(1).numpy() for wire in buffers]
+        self._publish_lock = threading.Lock()
+
+    @classmethod
+    def create(cls, schema: WeightSchema, buffers: int, ranks: int, run_id: Optional[str] = None) -> "SharedStaging":
+        """``buffers`` staging buffers and a board for worker ranks ``1..ranks``, new files of this process."""
+        run_id = run_id or new_run_id()
+        wires = [SharedWireBuffer.create(schema, run_id, index) for index in range(buffers)]
+        board_path = os.path.join(shm_dir(), f"{_SHM_PREFIX}{run_id}-board")
+        words = _map_words(board_path, 2 * (ranks + 1))
+        words.fill_(-1)
+        words[0] = 0  # sequence 0: nothing published yet
+        return cls(schema, wires, board_path, owner=True)
+
+    @classmethod
+    def open(cls, schema: WeightSchema, paths: list[str], board_path: str) -> "SharedStaging":
+        return cls(schema, [SharedWireBuffer.open(path, schema) for path in paths], board_path, owner=False)
+
+    @property
+    def paths(self) -> list[str]:
+        return [wire._fws_shm_path for wire in self.buffers]
+
+    def index_of(self, wire: TensorDictBase) -> int:
+        for index, staged in enumerate(self.buffers):
+            if staged is wire:
+                return index
+        raise ChannelError("the shared-memory channel sends only its own staging buffers")
+
+    def try_lock(self, index: int, shared: bool = False) -> bool:
+        """Lock a buffer without waiting: exclusively to write it, shared to read it."""
+        try:
+            fcntl.flock(self._files[index], (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def unlock(self, index: int) -> None:
+        fcntl.flock(self._files[index], fcntl.LOCK_UN)
+
+    def version_in(self, index: int) -> int:
+        return int(self._versions[index][0])
+
+    def publish(self, index: int) -> int:
+        """Make buffer ``index`` the newest publication unless a newer version is out; returns the sequence now."""
+        with self._publish_lock:  # the trainer thread and link threads both publish
+            sequence = int(self._board[0, 0]) >> 4
+            version = self.version_in(index)
+            if sequence == 0 or version > self._board[0, 1]:
+                sequence += 1
+                self._board[0, 1] = version
+                self._board[0, 0] = sequence << 4 | index
+            return sequence
+
+    def published(self) -> tuple[int, int, int]:
+        """(sequence, buffer index, version) of the newest publication; sequence 0: none yet."""
+        word, version = int(self._board[0, 0]), int(self._board[0, 1])
+        return word >> 4, word & 15, version
+
+    def acked(self, rank: int) -> tuple[int, int]:
+        """(sequence, version) that worker ``rank`` last applied; version :data:`REFUSED` for a refused update."""
+        return int(self._board[rank, 0]), int(self._board[rank, 1])
+
+    def ack_row(self, rank: int):
+        """The live (sequence, version) row of ``rank``: reading it costs no call to anyone."""
+        return self._board[rank]
+
+    def acknowledge(self, rank: int, sequence: int, version: int) -> None:
+        self._board[rank, 1] = version  # version first: a reader that sees the new sequence sees its version
+        self._board[rank, 0] = sequence
+
+    def reset_acks(self, rank: int) -> None:
+        self._board[rank, 0] = -1
+        self._board[rank, 1] = -1
+
+    def close(self) -> None:
+        """Release the file handles; the creator also removes the files (mappings elsewhere stay valid)."""
+        for fd in self._files:
+            os.close(fd)
+        self._files = []
+        if self._owner:
+            for wire in self.buffers:
+                SharedWireBuffer.unlink(wire)
+            if os.path.exists(self.board_path):
+                os.unlink(self.board_path)
+
+
+def _map_words(path: str, count: Optional[int]) -> torch.Tensor:
+    """int64 words of a shared file: a new file of ``count`` words, or the whole existing file."""
+    if count is None:
+        if not os.path.exists(path):
+            raise ChannelError(f"shared-memory board {path} is missing; use transport='gloo'")
+        count = os.path.getsize(path) // 8
+    return torch.from_file(path, shared=True, size=count, dtype=torch.int64)
 
 
 class SharedWireBuffer:

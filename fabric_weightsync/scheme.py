@@ -14,14 +14,14 @@ is never written; if both are being read, the push is recorded and taken at the 
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from tensordict import TensorDictBase
 from torch import nn
 
-from fabric_weightsync.channels import SharedWireBuffer, new_run_id
+from fabric_weightsync.channels import SharedMemoryChannel, SharedStaging
 from fabric_weightsync.flat import FlatWeights
 from fabric_weightsync.control import ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport, TransportAborted, TransportError, TransportTimeout
@@ -56,7 +56,10 @@ class WorkerStatus:
     """What training rank 0 knows about one worker."""
 
     worker_id: int
-    delivered_version: int = -1
+    acked_version: int = -1
+    """Newest version the worker acknowledged to its link (the group channel's acks come back that way)."""
+    board_row: Optional[Any] = field(default=None, repr=False)
+    """A shared-memory worker's (sequence, version) row on the board, which the worker writes itself."""
     alive: bool = True
     error: Optional[str] = None
     connected: bool = False
@@ -67,6 +70,12 @@ class WorkerStatus:
     @property
     def rank(self) -> int:
         return self.worker_id + 1
+
+    @property
+    def delivered_version(self) -> int:
+        """Newest version this worker has applied, as far as rank 0 knows (-1: none since it (re)connected)."""
+        row = self.board_row
+        return max(self.acked_version, int(row[1])) if row is not None else self.acked_version
 
 
 def split_transport(transport: str) -> tuple[str, str]:
@@ -125,6 +134,7 @@ class WeightSyncScheme:
         self._module: Optional[nn.Module] = None
         self._sources: list[torch.Tensor] = []
         self._schema: Optional[WeightSchema] = None
+        self._staging: Optional[SharedStaging] = None
         self._buffers: list[TensorDictBase] = []
         self._targets: list[list[torch.Tensor]] = []
         self._pins = [0, 0]
@@ -158,8 +168,8 @@ class WeightSyncScheme:
         # Staging lives where the data plane reads it: host memory for gloo and shared memory (a GPU
         # trainer pays one device-to-host copy per push), the GPU for nccl.
         if self.channel != "group":  # shm-backed staging costs no extra memory and serves both planes
-            run_id = new_run_id()
-            self._buffers = [SharedWireBuffer.create(self._schema, run_id, i) for i in (0, 1)]
+            self._staging = SharedStaging.create(self._schema, 2, len(self.workers))
+            self._buffers = self._staging.buffers
         else:
             device = self._sources[0].device if self.backend == "nccl" and self._sources else torch.device("cpu")
             self._buffers = [make_wire_buffer(named, device=device) for _ in (0, 1)]
@@ -184,18 +194,22 @@ class WeightSyncScheme:
         self.raise_if_failed()
         self._check_sources()
         with self._cond:
-            # Prefer the older buffer; overwrite the newest one only when a slow send still reads the older
-            # (links then wait the one copy out in pin_latest instead of the trainer waiting on them).
-            free = [i for i in (1 - self._latest, self._latest) if self._pins[i] == 0]
-            if not free:
+            # Prefer the older buffer; overwrite the newest one only when a slow send or a worker's copy out of
+            # shared memory still reads the older (readers then wait the one copy out, never the trainer).
+            target = next((i for i in (1 - self._latest, self._latest) if self._pins[i] == 0 and self._lock_for_write(i)), None)
+            if target is None:
                 self._pending_version = version
                 return False
-            target = self._writing = free[0]
+            self._writing = target
         self._snapshot(target, version)
         with self._cond:
             self._latest, self._latest_version = target, version
             self._writing = None
             self._pending_version = None
+        if self._staging is not None:
+            self._staging.unlock(target)
+            if not self.checksum:  # with checksums on, a link publishes it once it is stamped
+                self._staging.publish(target)
         return True
 
     def note(self, version: int) -> None:
@@ -241,14 +255,28 @@ class WeightSyncScheme:
                 link.join(timeout=min(self.timeout, 5.0))
         if self._monitor is not None:
             self._monitor.stop()
-        for wire in self._buffers:
-            SharedWireBuffer.unlink(wire)
+        if self._staging is not None:
+            self._staging.close()
 
     # ------------------------------------------------------------------ link threads
     def wait_for_newer(self, delivered: int) -> bool:
         with self._cond:
             self._await(lambda: self._closing or self._latest_version > delivered)
             return not self._closing
+
+    def wait_while_served(self, status: WorkerStatus) -> None:
+        """Until training closes or ``status``'s worker fails (both notify: no polling)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closing or not status.alive)
+
+    def publish_latest(self) -> int:
+        """Stamp (checksums on) and publish the newest staged buffer to shared-memory workers; its version."""
+        wire, index = self.pin_latest()
+        try:
+            self._staging.publish(index)
+            return int(wire[VERSION_KEY])
+        finally:
+            self.unpin(index)
 
     def pin_latest(self) -> tuple[TensorDictBase, int]:
         with self._cond:
@@ -270,8 +298,12 @@ class WeightSyncScheme:
 
     def delivered(self, status: WorkerStatus, version: int) -> None:
         with self._cond:
-            status.delivered_version = version
+            status.acked_version = version
             self._cond.notify_all()
+
+    def watch_board(self, status: WorkerStatus) -> None:
+        """From now on ``status``'s worker reports what it applied on the shared-memory board."""
+        status.board_row = self._staging.ack_row(status.rank)
 
     def worker_joined(self, status: WorkerStatus) -> None:
         """A worker (re)connected: serve it again from the newest version."""
@@ -280,7 +312,7 @@ class WeightSyncScheme:
             status.beat = None  # heartbeat silence counts from (re)connect, not from a previous process or start
             if status.alive and status.error is None:
                 return
-            status.alive, status.error, status.delivered_version = True, None, -1
+            status.alive, status.error, status.acked_version, status.board_row = True, None, -1, None
             self._raised.discard(status.worker_id)
         log.warning("fabric_weightsync: inference worker %d rejoined", status.worker_id)
 
@@ -314,6 +346,10 @@ class WeightSyncScheme:
                 return False
             self._cond.wait(pause)
         return True
+
+    def _lock_for_write(self, index: int) -> bool:
+        """Shared-memory staging: lock the file against workers' copies; ``False`` while one is copying."""
+        return self._staging is None or self._staging.try_lock(index)
 
     def _snapshot(self, index: int, version: int) -> None:
         if self._flat is not None:
@@ -376,6 +412,7 @@ class _WorkerLink(threading.Thread):
         while not self.scheme.closing:
             transport = self.transport = DistributedTransport(
                 weights_buffer=self.scheme._buffers[0],
+                shared_staging=self.scheme._staging,
                 store=self.store,
                 rank=self.status.rank,
                 backend=self.scheme.backend,
@@ -406,8 +443,21 @@ class _WorkerLink(threading.Thread):
         finally:
             self.scheme.unpin(index)
         self.scheme.delivered(self.status, int(wire[VERSION_KEY]))
+        if transport.channel == SharedMemoryChannel.name:
+            self._serve_shared()
+            return
         while self.scheme.wait_for_newer(self.status.delivered_version) and self.status.alive:
             self._deliver(transport)
+
+    def _serve_shared(self) -> None:
+        """A shared-memory worker takes each update off the board by itself; this link only stamps checksums."""
+        self.scheme.watch_board(self.status)
+        if not self.scheme.checksum:
+            self.scheme.wait_while_served(self.status)
+            return
+        published = self.status.delivered_version
+        while self.scheme.wait_for_newer(published) and self.status.alive:
+            published = self.scheme.publish_latest()
 
     def _deliver(self, transport: DistributedTransport) -> None:
         transport.instruct()

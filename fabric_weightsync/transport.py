@@ -13,8 +13,10 @@ what a user would want changed:
 - every blocking call has a timeout, and a failed transfer is never applied.
 
 Store keys for the worker of rank ``r`` (1-indexed, the trainer is rank 0 of the pair):
-``NODE_{r}_in`` = ``update_weights`` (instruction), ``NODE_{r}_ready`` (receive posted), ``NODE_{r}_out`` =
-``updated`` (ack), ``NODE_{r}_schema`` / ``NODE_{r}_verdict`` (connect), ``NODE_{r}_slot`` (shared memory).
+``NODE_{r}_schema`` / ``NODE_{r}_verdict`` (connect), and on the group channel ``NODE_{r}_in`` =
+``update_weights`` (instruction), ``NODE_{r}_ready`` (receive posted), ``NODE_{r}_out`` = ``updated`` (ack).
+The shared-memory channel signals through its board in ``/dev/shm`` instead (see
+:class:`~fabric_weightsync.channels.SharedMemoryChannel`): a poll there is a memory read.
 """
 
 import json
@@ -28,14 +30,14 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from fabric_weightsync.channels import (
+    REFUSED,
     ChannelError,
     GroupChannel,
+    SharedMemoryChannel,
+    SharedStaging,
     StoreTimeout,
     await_key,
-    SharedMemoryChannel,
-    SharedWireBuffer,
     host_id,
-    new_run_id,
 )
 from fabric_weightsync.weights import (
     VERSION_KEY,
@@ -102,6 +104,9 @@ class DistributedTransport:
         checksum: the sender stamps each update it stages with a CRC32 of the weights; a receiver verifies any
             stamped update before applying it and refuses a corrupt one (costs about one extra pass over the
             weights on each side; off by default).
+        shared_staging: shared-memory staging to publish from on the ``"shm"`` channel, shared by the
+            transports of several workers (what :class:`~fabric_weightsync.scheme.WeightSyncScheme` does);
+            without it the transport creates one buffer of its own when the shared-memory channel is chosen.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class DistributedTransport:
         timeout: float = DEFAULT_TIMEOUT,
         group_name: Optional[str] = None,
         checksum: bool = False,
+        shared_staging: Optional[SharedStaging] = None,
     ) -> None:
         if channel not in ("group", "shm", "auto"):
             raise ValueError(f"channel must be 'group', 'shm' or 'auto', got {channel!r}")
@@ -135,7 +141,8 @@ class DistributedTransport:
         self._ack_pending = False
         self._ack: Optional[bytes] = None
         self._aborted = False
-        self._owned_shm: Optional[TensorDictBase] = None
+        self._staging = shared_staging
+        self._owns_staging = False
         self._targets = _ModuleTargets()
         self._version = 0
 
@@ -178,8 +185,9 @@ class DistributedTransport:
         if self._store is None or self._rank is None:
             return
         wire = self._stage(weights, self._version + 1 if version is None else version)
-        self.instruct()
-        self.wait_ready()
+        if self._channel.name == GroupChannel.name:
+            self.instruct()
+            self.wait_ready()
         self.post_send(wire)
         if self._sync:
             self.wait_sent()
@@ -202,7 +210,8 @@ class DistributedTransport:
         """Send one staged wire buffer on the data plane; :meth:`wait_sent` / :meth:`wait_ack` complete it."""
         self._data_plane(lambda: self._channel.post(wire, _UPDATE_TAG), "sending an update")
         self._ack_pending, self._ack = True, None
-        self._store.delete_key(self._key("ready"))  # after posting: off the worker's critical path
+        if self._channel.name == GroupChannel.name:
+            self._store.delete_key(self._key("ready"))  # after posting: off the worker's critical path
         self._version = int(wire[VERSION_KEY])
 
     def wait_sent(self) -> None:
@@ -215,8 +224,10 @@ class DistributedTransport:
             return
         self.wait_sent()
         self._ack_pending = False
-        status = self._ack or self._wait_key("out", timeout, "for the worker's ack")
-        self._store.delete_key(self._key("out"))
+        status = self._ack  # the shared-memory channel's ack came with the end of the send
+        if status is None:
+            status = self._wait_key("out", timeout, "for the worker's ack")
+            self._store.delete_key(self._key("out"))
         if self._aborted:
             raise TransportAborted(f"transport to worker rank {self._rank} was aborted")
         if status != _ACK:
@@ -241,20 +252,22 @@ class DistributedTransport:
         offending keys, after telling the worker the same, when the two layouts differ.
         """
         hello = json.loads(self._wait_key("schema", None, "for the worker to connect"))
-        for stale in ("schema", "in", "ready", "out", "slot"):  # left by an earlier connection of this rank
+        for stale in ("schema", "in", "ready", "out"):  # left by an earlier connection of this rank
             self._store.delete_key(self._key(stale))
         problem = self._schema.mismatch(WeightSchema.from_json(json.dumps(hello["schema"])))
         if problem:
             self._store.set(self._key("verdict"), json.dumps({"error": problem}).encode())
             raise SchemaMismatchError(f"Worker rank {self._rank} has a different policy: {problem}")
         use_shm = self._preferred_channel == "shm" or (self._preferred_channel == "auto" and hello["host"] == host_id())
+        verdict = {"channel": GroupChannel.name, "group": self._group_channel.group_name}
         if use_shm:
-            self._channel = SharedMemoryChannel(self._store, self._key("slot"), self._key("out"), self._timeout)
-            if getattr(self._wire, "_fws_shm_path", None) is None:
-                shared = SharedWireBuffer.create(self._schema, new_run_id(), self._rank)
-                wire_storage(shared).copy_(wire_storage(self._wire))
-                self._wire = self._owned_shm = shared
-        verdict = {"channel": self._channel.name, "group": self._group_channel.group_name}
+            if self._staging is None:  # standalone: one shared buffer of its own, holding its current weights
+                self._staging, self._owns_staging = SharedStaging.create(self._schema, 1, self._rank), True
+                wire_storage(self._staging.buffers[0]).copy_(wire_storage(self._wire))
+                self._wire = self._staging.buffers[0]
+            self._staging.reset_acks(self._rank)  # before the verdict: the worker may ack right after it
+            self._channel = self._shared_channel()
+            verdict = {"channel": SharedMemoryChannel.name, "files": self._staging.paths, "board": self._staging.board_path}
         self._store.set(self._key("verdict"), json.dumps(verdict).encode())
         self._data_plane(lambda: self._channel.connect(0), "connecting")
         self.send_initial_weights(self._wire if weights is None else weights)
@@ -277,11 +290,18 @@ class DistributedTransport:
         """
         if not self.take_instruction(self._timeout if timeout is None else timeout):
             return None
-        self._store.set(self._key("ready"), b"1")
+        if self._channel.name == GroupChannel.name:
+            self._store.set(self._key("ready"), b"1")
         return self._receive(_UPDATE_TAG, weights, model, strategy)
 
     def take_instruction(self, timeout: float = 0.0) -> bool:
-        """Consume a pending ``update_weights`` instruction, waiting up to ``timeout`` seconds for one."""
+        """Consume a pending update notice, waiting up to ``timeout`` seconds for one.
+
+        On the group channel that is the ``update_weights`` instruction key (one store round trip per look); on
+        shared memory, a publication on the board newer than the last one taken (a memory read).
+        """
+        if self._channel.name == SharedMemoryChannel.name:
+            return self._channel.take_notice(timeout)
         deadline = time.monotonic() + timeout
         pause = 0.0002
         while not self._store.delete_key(self._key("in")):
@@ -312,9 +332,12 @@ class DistributedTransport:
         self._store.delete_key(self._key("verdict"))
         if "error" in verdict:
             raise SchemaMismatchError(f"Worker {worker_idx} (rank {self._rank}) policy differs from the trainer's: {verdict['error']}")
-        self._group_channel.group_name = verdict["group"]
         if verdict["channel"] == SharedMemoryChannel.name:
-            self._channel = SharedMemoryChannel(self._store, self._key("slot"), self._key("out"), self._timeout)
+            self._staging = self._data_plane(lambda: SharedStaging.open(self._schema, verdict["files"], verdict["board"]), "mapping shared memory")
+            self._owns_staging = True
+            self._channel = self._shared_channel()
+        else:
+            self._group_channel.group_name = verdict["group"]
         self._data_plane(lambda: self._channel.connect(1), "connecting")
         return self._receive(_INITIAL_TAG, weights, model, strategy)
 
@@ -327,30 +350,34 @@ class DistributedTransport:
 
     def close(self) -> None:
         """Drop the data plane and the keys this transport owns in the store."""
-        for name in ("in", "ready", "out", "schema", "verdict", "slot"):
+        for name in ("in", "ready", "out", "schema", "verdict"):
             try:
                 self._store.delete_key(self._key(name))
             except Exception:  # the store may already be gone at shutdown
                 pass
         self._group_channel.group = None
-        if self._owned_shm is not None:
-            SharedWireBuffer.unlink(self._owned_shm)
-            self._owned_shm = None
+        if self._owns_staging:
+            self._staging.close()
+            self._staging, self._owns_staging = None, False
 
     # ------------------------------------------------------------------ helpers
     def _key(self, name: str) -> str:
         return f"NODE_{self._rank}_{name}"
 
     def _stage(self, weights: Any, version: int) -> TensorDictBase:
-        wire = weights if is_wire_buffer(weights) else self._wire
-        if wire is not weights:
-            WeightStrategy().apply_weights(wire[WEIGHTS_KEY], _extract(weights))
-        elif self._channel.name == SharedMemoryChannel.name and getattr(wire, "_fws_shm_path", None) is None:
-            wire_storage(self._wire).copy_(wire_storage(wire))  # the worker can only read shared files
-            wire = self._wire
-        wire[VERSION_KEY].fill_(version)
-        if self._checksum and wire is not weights:
-            wire[CHECKSUM_KEY].fill_(weights_checksum(wire))
+        """The wire buffer to send ``weights`` from, stamped ``version``: ``weights`` itself if it is one we can send."""
+        sendable = is_wire_buffer(weights) and (self._staging is None or any(weights is staged for staged in self._staging.buffers))
+        if sendable and int(weights[VERSION_KEY]) == version:
+            return weights  # staged already (a scheme's pinned buffer): nothing to rewrite
+        wire = weights if sendable else self._wire
+        with self._channel.writing(wire):  # shared memory: no worker is copying from it meanwhile
+            if is_wire_buffer(weights) and wire is not weights:
+                wire_storage(wire).copy_(wire_storage(weights))  # the worker can only read our shared files
+            elif wire is not weights:
+                WeightStrategy().apply_weights(wire[WEIGHTS_KEY], _extract(weights))
+            wire[VERSION_KEY].fill_(version)
+            if self._checksum and wire is not weights:
+                wire[CHECKSUM_KEY].fill_(weights_checksum(wire))
         return wire
 
     def _receive(self, tag: int, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
@@ -359,7 +386,7 @@ class DistributedTransport:
         stamp = int(source[CHECKSUM_KEY])
         if stamp and stamp != weights_checksum(source):
             self._channel.release()
-            self._store.set(self._key("out"), b"checksum mismatch")
+            self._acknowledge(version, refused=True)
             raise TransportError(f"Worker rank {self._rank}: update {version} failed its checksum and was not applied")
         if self._aborted:
             raise TransportAborted(f"transport of worker rank {self._rank} was aborted")
@@ -379,10 +406,19 @@ class DistributedTransport:
         self._version = version  # applied: from here on the policy is this version, acked or not
         try:
             self._channel.release()
-            self._store.set(self._key("out"), _ACK)
+            self._acknowledge(version)
         except RuntimeError as err:
             raise TransportError(f"Worker rank {self._rank}: update {version} was applied but could not be acknowledged: {err}") from err
         return received
+
+    def _acknowledge(self, version: int, refused: bool = False) -> None:
+        if self._channel.name == SharedMemoryChannel.name:
+            self._channel.acknowledge(REFUSED if refused else version)
+        else:
+            self._store.set(self._key("out"), b"checksum mismatch" if refused else _ACK)
+
+    def _shared_channel(self) -> SharedMemoryChannel:
+        return SharedMemoryChannel(self._staging, self._rank, self._timeout, aborted=lambda: self._aborted)
 
     def _data_plane(self, operation, what: str):
         try:
