@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDictBase
 
-from fabric_weightsync.weights import VERSION_KEY, WeightSchema, wire_nbytes, wire_storage, wire_views
+from fabric_weightsync.weights import WeightSchema, wire_nbytes, wire_storage, wire_views
 
 
 class ChannelError(RuntimeError):
@@ -193,6 +193,9 @@ class SharedMemoryChannel:
 REFUSED = -2
 """The version a worker acknowledges for an update it refused (its checksum did not match)."""
 
+_NEVER = 2**62
+"""The acknowledged sequence of a worker rank that does not read shared memory."""
+
 _ACK = b"updated"
 
 
@@ -210,10 +213,12 @@ class SharedStaging:
         self.buffers = buffers
         self.board_path = board_path
         self._owner = owner
-        self._board = _map_words(board_path, None).reshape(-1, 2).numpy()
+        # memoryviews of int64 words: indexing one costs ~50 ns, where numpy's machinery costs microseconds
+        self._words = memoryview(_map_words(board_path, None).numpy())
         self._files = [os.open(wire._fws_shm_path, os.O_RDONLY) for wire in buffers]
-        self._versions = [wire[VERSION_KEY].view(1).numpy() for wire in buffers]
+        self._headers = [memoryview(wire_storage(wire)[:16].view(torch.int64).numpy()) for wire in buffers]
         self._publish_lock = threading.Lock()
+        self._published_at = [0] * len(buffers)  # sender side: the sequence each buffer was last published at
 
     @classmethod
     def create(cls, schema: WeightSchema, buffers: int, ranks: int, run_id: Optional[str] = None) -> "SharedStaging":
@@ -240,6 +245,17 @@ class SharedStaging:
                 return index
         raise ChannelError("the shared-memory channel sends only its own staging buffers")
 
+    def writable(self, index: int) -> bool:
+        """Whether the sender may rewrite buffer ``index`` now, without waiting; if so it is locked (unlock it).
+
+        No lock is needed when every worker has applied something published after this buffer last was: none
+        is reading it, and none will (a worker only takes publications newer than what it applied). Otherwise
+        an exclusive lock tells whether a worker's copy is still under way.
+        """
+        if min(self._words[2::2], default=_NEVER) >= self._published_at[index]:
+            return True
+        return self.try_lock(index)
+
     def try_lock(self, index: int, shared: bool = False) -> bool:
         """Lock a buffer without waiting: exclusively to write it, shared to read it."""
         try:
@@ -249,42 +265,48 @@ class SharedStaging:
             return False
 
     def unlock(self, index: int) -> None:
-        fcntl.flock(self._files[index], fcntl.LOCK_UN)
+        fcntl.flock(self._files[index], fcntl.LOCK_UN)  # a no-op for a buffer written without a lock
 
     def version_in(self, index: int) -> int:
-        return int(self._versions[index][0])
+        return self._headers[index][0]
 
     def publish(self, index: int) -> int:
         """Make buffer ``index`` the newest publication unless a newer version is out; returns the sequence now."""
         with self._publish_lock:  # the trainer thread and link threads both publish
-            sequence = int(self._board[0, 0]) >> 4
-            version = self.version_in(index)
-            if sequence == 0 or version > self._board[0, 1]:
+            words = self._words
+            sequence, version = words[0] >> 4, self._headers[index][0]
+            if sequence == 0 or version > words[1]:
                 sequence += 1
-                self._board[0, 1] = version
-                self._board[0, 0] = sequence << 4 | index
+                self._published_at[index] = sequence
+                words[1] = version
+                words[0] = sequence << 4 | index
             return sequence
 
     def published(self) -> tuple[int, int, int]:
         """(sequence, buffer index, version) of the newest publication; sequence 0: none yet."""
-        word, version = int(self._board[0, 0]), int(self._board[0, 1])
+        words = self._words
+        word, version = words[0], words[1]
         return word >> 4, word & 15, version
 
     def acked(self, rank: int) -> tuple[int, int]:
         """(sequence, version) that worker ``rank`` last applied; version :data:`REFUSED` for a refused update."""
-        return int(self._board[rank, 0]), int(self._board[rank, 1])
+        return self._words[2 * rank], self._words[2 * rank + 1]
 
-    def ack_row(self, rank: int):
+    def ack_row(self, rank: int) -> memoryview:
         """The live (sequence, version) row of ``rank``: reading it costs no call to anyone."""
-        return self._board[rank]
+        return self._words[2 * rank : 2 * rank + 2]
 
     def acknowledge(self, rank: int, sequence: int, version: int) -> None:
-        self._board[rank, 1] = version  # version first: a reader that sees the new sequence sees its version
-        self._board[rank, 0] = sequence
+        self._words[2 * rank + 1] = version  # version first: a reader that sees the new sequence sees its version
+        self._words[2 * rank] = sequence
 
     def reset_acks(self, rank: int) -> None:
-        self._board[rank, 0] = -1
-        self._board[rank, 1] = -1
+        self._words[2 * rank] = -1
+        self._words[2 * rank + 1] = -1
+
+    def exempt(self, rank: int) -> None:
+        """Worker ``rank`` is served over a process group: it never reads these files."""
+        self._words[2 * rank] = _NEVER
 
     def close(self) -> None:
         """Release the file handles; the creator also removes the files (mappings elsewhere stay valid)."""

@@ -338,18 +338,21 @@ class WeightSyncScheme:
 
     # ------------------------------------------------------------------ helpers
     def _await(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> bool:
-        """Wait (holding ``_cond``) until ``predicate()``; ``False`` on timeout. Polls, as push() notifies nobody."""
+        """Wait (holding ``_cond``) until ``predicate()``; ``False`` on timeout. Polls, as push() notifies nobody:
+        first every 50 us (what is awaited is often under way), then every :data:`LINK_POLL_S`."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.00005
         while not predicate():
-            pause = LINK_POLL_S if deadline is None else min(LINK_POLL_S, deadline - time.monotonic())
-            if pause <= 0:
+            wait = pause if deadline is None else min(pause, deadline - time.monotonic())
+            if wait <= 0:
                 return False
-            self._cond.wait(pause)
+            self._cond.wait(wait)
+            pause = min(2 * pause, LINK_POLL_S)
         return True
 
     def _lock_for_write(self, index: int) -> bool:
-        """Shared-memory staging: lock the file against workers' copies; ``False`` while one is copying."""
-        return self._staging is None or self._staging.try_lock(index)
+        """Shared-memory staging: ``False`` while a worker's copy from that buffer may be under way."""
+        return self._staging is None or self._staging.writable(index)
 
     def _snapshot(self, index: int, version: int) -> None:
         if self._flat is not None:
@@ -378,9 +381,9 @@ class WeightSyncScheme:
 
 
 def _version_slot(wire: TensorDictBase):
-    """The version word of a wire buffer, writable in ~0.1 us (a numpy view on the host; the tensor on a GPU)."""
+    """The version word of a wire buffer, writable in ~0.1 us (a memoryview on the host; the tensor on a GPU)."""
     slot = wire[VERSION_KEY].view(1)
-    return slot.numpy() if slot.device.type == "cpu" else slot
+    return memoryview(slot.numpy()) if slot.device.type == "cpu" else slot
 
 
 class _WorkerLink(threading.Thread):

@@ -52,6 +52,7 @@ from fabric_weightsync.weights import (
     LayoutProbe,
     has_wire_storage,
     is_wire_buffer,
+    read_header,
     weights_checksum,
     wire_storage,
 )
@@ -268,6 +269,8 @@ class DistributedTransport:
             self._staging.reset_acks(self._rank)  # before the verdict: the worker may ack right after it
             self._channel = self._shared_channel()
             verdict = {"channel": SharedMemoryChannel.name, "files": self._staging.paths, "board": self._staging.board_path}
+        elif self._staging is not None:
+            self._staging.exempt(self._rank)  # served over the group: the scheme's writes need not wait on it
         self._store.set(self._key("verdict"), json.dumps(verdict).encode())
         self._data_plane(lambda: self._channel.connect(0), "connecting")
         self.send_initial_weights(self._wire if weights is None else weights)
@@ -382,8 +385,7 @@ class DistributedTransport:
 
     def _receive(self, tag: int, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
         source = self._data_plane(lambda: self._channel.receive(self._wire, tag), "receiving weights")
-        version = int(source[VERSION_KEY])
-        stamp = int(source[CHECKSUM_KEY])
+        version, stamp = read_header(source)
         if stamp and stamp != weights_checksum(source):
             self._channel.release()
             self._acknowledge(version, refused=True)

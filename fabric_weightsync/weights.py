@@ -162,6 +162,12 @@ def make_wire_buffer(
     return wire
 
 
+def read_header(wire: TensorDictBase) -> tuple[int, int]:
+    """(version, checksum) of a wire buffer in one read of its first 16 bytes (cheaper than two lookups)."""
+    version, checksum = wire_storage(wire)[: 8 * len(_HEADER)].view(torch.int64).tolist()
+    return version, checksum
+
+
 def is_wire_buffer(weights: object) -> bool:
     return isinstance(weights, TensorDictBase) and set(weights.keys()) == {WEIGHTS_KEY, VERSION_KEY, CHECKSUM_KEY}
 
