@@ -974,7 +974,7 @@ def render(args: Args, machine: list[str], rows: list[Row], latencies: list[Row]
                   + ", ".join(f"{r.model} W={r.workers}: {ms(med(r.extra['send_part']))}" for r in trl)]
     deferred = [f"{r.model} W={r.workers} {r.path}: {r.extra['deferred']}" for r in rows if r.extra.get("deferred")]
     if deferred:
-        lines += ["", "Pushes deferred in the busy test (both staging buffers were being sent): " + ", ".join(deferred)]
+        lines += ["", "Pushes deferred in the busy test (both staging buffers were being sent or copied from): " + ", ".join(deferred)]
     prof = profile_lines(profiled)
     if prof:
         lines += ["", "## Where the time goes (instrumented runs, separate from the timed ones)", *prof]
@@ -1070,7 +1070,7 @@ def main() -> None:
         "This machine may be shared (see the load averages above): on 2 cores every hand-off between processes waits"
         " for a core, so the small policy's sub-millisecond timings swing 2-3x between runs; the 100 MB rows are steadier.",
         "The TorchRL row of the 400-tensor model runs half the syncs per round after 1 warm-up: each sync takes about a second.",
-        "'stall, 1 worker busy' counts pushes deferred because both staging buffers were being sent (they return at once;"
+        "'stall, 1 worker busy' counts pushes deferred because both staging buffers were being sent or copied from (they return at once;"
         " their number is listed above); TorchRL's is one blocking send issued while worker 0 is in its rollout.",
     ]
     text = render(args, describe_machine(trl_label), rows, latencies, profiled, notes, time.monotonic() - started)

@@ -219,6 +219,7 @@ class SharedStaging:
         self._headers = [memoryview(wire_storage(wire)[:16].view(torch.int64).numpy()) for wire in buffers]
         self._publish_lock = threading.Lock()
         self._published_at = [0] * len(buffers)  # sender side: the sequence each buffer was last published at
+        self._write_locked: set[int] = set()
 
     @classmethod
     def create(cls, schema: WeightSchema, buffers: int, ranks: int, run_id: Optional[str] = None) -> "SharedStaging":
@@ -245,8 +246,8 @@ class SharedStaging:
                 return index
         raise ChannelError("the shared-memory channel sends only its own staging buffers")
 
-    def writable(self, index: int) -> bool:
-        """Whether the sender may rewrite buffer ``index`` now, without waiting; if so it is locked (unlock it).
+    def claim_for_write(self, index: int) -> bool:
+        """Whether the sender may rewrite buffer ``index`` now, without waiting; if so, :meth:`end_write` after.
 
         No lock is needed when every worker has applied something published after this buffer last was: none
         is reading it, and none will (a worker only takes publications newer than what it applied). Otherwise
@@ -254,7 +255,15 @@ class SharedStaging:
         """
         if min(self._words[2::2], default=_NEVER) >= self._published_at[index]:
             return True
-        return self.try_lock(index)
+        if not self.try_lock(index):
+            return False
+        self._write_locked.add(index)
+        return True
+
+    def end_write(self, index: int) -> None:
+        if index in self._write_locked:
+            self._write_locked.discard(index)
+            self.unlock(index)
 
     def try_lock(self, index: int, shared: bool = False) -> bool:
         """Lock a buffer without waiting: exclusively to write it, shared to read it."""
@@ -265,7 +274,7 @@ class SharedStaging:
             return False
 
     def unlock(self, index: int) -> None:
-        fcntl.flock(self._files[index], fcntl.LOCK_UN)  # a no-op for a buffer written without a lock
+        fcntl.flock(self._files[index], fcntl.LOCK_UN)
 
     def version_in(self, index: int) -> int:
         return self._headers[index][0]

@@ -100,7 +100,7 @@ class WeightSyncScheme:
             worker; ``"continue"``: log it and keep serving the others.
         checksum: stamp each staged version with a CRC32 that workers verify before applying. Computed once
             per version by the first link that sends it, never on the trainer thread.
-        flatten: move the module's weights into one storage laid out like the wire (see
+        flatten_weights: move the module's weights into one storage laid out like the wire (see
             :class:`~fabric_weightsync.flat.FlatWeights`), so a push is one copy. The ``Parameter`` objects stay
             the same, their data moves once; turn it off if something relies on the weights' addresses.
     """
@@ -115,7 +115,7 @@ class WeightSyncScheme:
         heartbeat_timeout: float = 10.0,
         on_worker_failure: FailurePolicy = "raise",
         checksum: bool = False,
-        flatten: bool = True,
+        flatten_weights: bool = True,
     ) -> None:
         if on_worker_failure not in ("raise", "continue"):
             raise ValueError(f"on_worker_failure must be 'raise' or 'continue', got {on_worker_failure!r}")
@@ -126,7 +126,7 @@ class WeightSyncScheme:
         self.heartbeat_timeout = heartbeat_timeout
         self.on_worker_failure = on_worker_failure
         self.checksum = checksum
-        self.flatten = flatten
+        self.flatten_weights = flatten_weights
         self._flat: Optional[FlatWeights] = None
         self._sealed = [-1, -1]
         self._seal_locks = [threading.Lock(), threading.Lock()]
@@ -207,7 +207,7 @@ class WeightSyncScheme:
             self._writing = None
             self._pending_version = None
         if self._staging is not None:
-            self._staging.unlock(target)
+            self._staging.end_write(target)
             if not self.checksum:  # with checksums on, a link publishes it once it is stamped
                 self._staging.publish(target)
         return True
@@ -352,7 +352,7 @@ class WeightSyncScheme:
 
     def _lock_for_write(self, index: int) -> bool:
         """Shared-memory staging: ``False`` while a worker's copy from that buffer may be under way."""
-        return self._staging is None or self._staging.writable(index)
+        return self._staging is None or self._staging.claim_for_write(index)
 
     def _snapshot(self, index: int, version: int) -> None:
         if self._flat is not None:
@@ -365,7 +365,7 @@ class WeightSyncScheme:
     def _adopt_sources(self, named: dict[str, torch.Tensor]) -> None:
         self._sources = [named[name] for name, _, _ in self._schema.entries]
         module = unwrap(self._module)
-        self._flat = FlatWeights.adopt(module, self._schema, self._sources) if self.flatten else None
+        self._flat = FlatWeights.adopt(module, self._schema, self._sources) if self.flatten_weights else None
         self._layout_probe = self._flat.probe if self._flat is not None else LayoutProbe(module, self._schema, self._sources)
 
     def _check_sources(self) -> None:

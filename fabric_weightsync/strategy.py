@@ -66,6 +66,10 @@ class WeightSyncStrategy(DDPStrategy):
             ``"continue"`` logs it and keeps training with the survivors.
         shutdown_timeout: seconds training rank 0 waits for the final delivery and for workers to exit.
         checksum: stamp every update with a CRC32 that workers verify before applying (off by default).
+        flatten_weights: on training rank 0, move the synced module's weights into one storage once, so each
+            push is a single copy (the ``Parameter`` objects stay the same; see
+            :class:`~fabric_weightsync.flat.FlatWeights`). Turn it off if something relies on the weights'
+            memory addresses (a numpy view, a CUDA graph captured before ``fabric.setup``).
         **ddp_kwargs: everything :class:`~lightning.fabric.strategies.DDPStrategy` accepts.
     """
 
@@ -81,6 +85,7 @@ class WeightSyncStrategy(DDPStrategy):
         on_worker_failure: FailurePolicy = "raise",
         shutdown_timeout: float = 60.0,
         checksum: bool = False,
+        flatten_weights: bool = True,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
@@ -101,6 +106,7 @@ class WeightSyncStrategy(DDPStrategy):
         self.on_worker_failure = on_worker_failure
         self.shutdown_timeout = shutdown_timeout
         self.checksum = checksum
+        self.flatten_weights = flatten_weights
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
         self._experience: Optional["ExperienceStream"] = None
@@ -141,6 +147,7 @@ class WeightSyncStrategy(DDPStrategy):
                 heartbeat_timeout=self.heartbeat_timeout,
                 on_worker_failure=self.on_worker_failure,
                 checksum=self.checksum,
+                flatten_weights=self.flatten_weights,
             )
             TrainingCrash.install()
             atexit.register(self._shutdown_at_exit)
