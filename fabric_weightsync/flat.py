@@ -11,6 +11,7 @@ and all on one device. Anything else (a view of another tensor, a channels-last 
 ``share_memory()`` module) keeps its memory and the scheme copies tensor by tensor, as before.
 """
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -43,6 +44,8 @@ class FlatWeights:
             for tensor, view in zip(sources, views):
                 view.copy_(tensor)
                 tensor.data = view
+        if storage.device.type == "cpu":
+            _trim_heap()
         return cls(module, schema, storage, sources)
 
     def stage_into(self, wire: TensorDictBase) -> None:
@@ -51,6 +54,19 @@ class FlatWeights:
         if cached is None or cached[0] is not wire:  # staging buffers are few and long-lived: slice them once
             cached = self._destinations[id(wire)] = (wire, wire_storage(wire)[self._span])
         cached[1].copy_(self._weights_bytes)  # raw bytes, outside autograd: no no_grad() needed
+
+
+def _trim_heap() -> None:
+    """Give the old per-tensor allocations back to the OS (glibc keeps freed heap chunks otherwise).
+
+    Tensors of a few hundred KB often come from the heap rather than their own mapping (glibc raises its mmap
+    threshold once a big block was freed), so without this the process's RSS would still count the weights'
+    old copy, although later allocations (the optimizer's state) would reuse that memory.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc: nothing to trim, or no way to ask
+        pass
 
 
 def _is_plain(tensor: torch.Tensor) -> bool:
