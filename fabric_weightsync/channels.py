@@ -69,7 +69,7 @@ class GroupChannel:
             self.group = new_pair_group(self.store, self.group_name, group_rank, self.backend, self.timeout)
 
     def writing(self, wire: TensorDictBase) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # a send in flight is waited out by the transport before it restages
+        return contextlib.nullcontext()  # the transport finishes a send in flight before it restages
 
     def post(self, wire: TensorDictBase, tag: int) -> None:
         self._pending = self._group().send([wire_storage(wire)], 1, tag)

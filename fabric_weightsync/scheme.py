@@ -1,10 +1,12 @@
 """Training rank 0's side of weight sync: one transport per worker, fed latest-wins from two staging buffers.
 
-The trainer thread only ever copies the weights into a free staging buffer and returns (:meth:`push`); it
-never touches the network or the store. One link thread per worker owns that worker's transport: it tells
-the worker an update is waiting, and only once the worker has posted its receive does it pick the newest
-staged version and send it. A busy worker therefore never holds a buffer, never delays the trainer or the
-other workers, and skips every version superseded while it was busy.
+The trainer thread only ever copies the weights into a free staging buffer, publishes it and returns
+(:meth:`push`); it never touches the network or the store, and wakes no thread. One link thread per worker
+owns that worker's transport. A worker on this host takes the newest publication off the shared-memory board
+by itself, so its link only connects it. For a worker served over a process group, the link looks for a newer
+version (every :data:`LINK_POLL_S`), tells the worker an update is waiting, and only once the worker has
+posted its receive picks the newest staged version and sends it. A busy worker therefore never holds a
+buffer, never delays the trainer or the other workers, and skips every version superseded while it was busy.
 
 Memory: two staging buffers (2x the weights) whatever the number of workers. A buffer being read by a send
 is never written; if both are being read, the push is recorded and taken at the next step (or at
@@ -15,7 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from tensordict import TensorDictBase
@@ -58,7 +60,7 @@ class WorkerStatus:
     worker_id: int
     acked_version: int = -1
     """Newest version the worker acknowledged to its link (the group channel's acks come back that way)."""
-    board_row: Optional[Any] = field(default=None, repr=False)
+    board_row: Optional[memoryview] = field(default=None, repr=False)
     """A shared-memory worker's (sequence, version) row on the board, which the worker writes itself."""
     alive: bool = True
     error: Optional[str] = None

@@ -185,6 +185,7 @@ class DistributedTransport:
         """
         if self._store is None or self._rank is None:
             return
+        self.wait_ack()  # a send still in flight reads the buffer that staging would rewrite
         wire = self._stage(weights, self._version + 1 if version is None else version)
         if self._channel.name == GroupChannel.name:
             self.instruct()
