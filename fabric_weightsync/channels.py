@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDictBase
 
-from fabric_weightsync.weights import WeightSchema, wire_nbytes, wire_storage, wire_views
+from fabric_weightsync.weights import WeightSchema, header_words, wire_nbytes, wire_storage, wire_views
 
 
 class ChannelError(RuntimeError):
@@ -216,7 +216,7 @@ class SharedStaging:
         # memoryviews of int64 words: indexing one costs ~50 ns, where numpy's machinery costs microseconds
         self._words = memoryview(_map_words(board_path, None).numpy())
         self._files = [os.open(wire._fws_shm_path, os.O_RDONLY) for wire in buffers]
-        self._headers = [memoryview(wire_storage(wire)[:16].view(torch.int64).numpy()) for wire in buffers]
+        self._headers = [header_words(wire) for wire in buffers]
         self._publish_lock = threading.Lock()
         self._published_at = [0] * len(buffers)  # sender side: the sequence each buffer was last published at
         self._write_locked: set[int] = set()

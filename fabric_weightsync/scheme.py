@@ -34,6 +34,8 @@ from fabric_weightsync.weights import (
     SchemaMismatchError,
     WeightSchema,
     LayoutProbe,
+    header_words,
+    read_header,
     make_wire_buffer,
     named_weights,
     unwrap,
@@ -276,7 +278,7 @@ class WeightSyncScheme:
         wire, index = self.pin_latest()
         try:
             self._staging.publish(index)
-            return int(wire[VERSION_KEY])
+            return read_header(wire)[0]
         finally:
             self.unpin(index)
 
@@ -288,7 +290,7 @@ class WeightSyncScheme:
         wire = self._buffers[index]
         if self.checksum:
             with self._seal_locks[index]:  # pinned: the trainer cannot rewrite it meanwhile
-                version = int(wire[VERSION_KEY])
+                version = read_header(wire)[0]
                 if self._sealed[index] != version:
                     wire[CHECKSUM_KEY].fill_(weights_checksum(wire))
                     self._sealed[index] = version
@@ -383,9 +385,9 @@ class WeightSyncScheme:
 
 
 def _version_slot(wire: TensorDictBase):
-    """The version word of a wire buffer, writable in ~0.1 us (a memoryview on the host; the tensor on a GPU)."""
-    slot = wire[VERSION_KEY].view(1)
-    return memoryview(slot.numpy()) if slot.device.type == "cpu" else slot
+    """Where to write a wire buffer's version: word 0 of its header on the host, a one-element view on a GPU."""
+    words = header_words(wire)
+    return words if words is not None else wire[VERSION_KEY].view(1)
 
 
 class _WorkerLink(threading.Thread):
@@ -447,7 +449,7 @@ class _WorkerLink(threading.Thread):
             transport.setup_connection_and_weights_on_sender(wire)
         finally:
             self.scheme.unpin(index)
-        self.scheme.delivered(self.status, int(wire[VERSION_KEY]))
+        self.scheme.delivered(self.status, read_header(wire)[0])
         if transport.channel == SharedMemoryChannel.name:
             self._serve_shared()
             return
@@ -468,7 +470,7 @@ class _WorkerLink(threading.Thread):
         transport.instruct()
         self._patiently(transport.wait_ready)
         wire, index = self.scheme.pin_latest()
-        version = int(wire[VERSION_KEY])
+        version = read_header(wire)[0]
         try:
             transport.post_send(wire)
             transport.wait_sent()

@@ -214,7 +214,7 @@ class DistributedTransport:
         self._ack_pending, self._ack = True, None
         if self._channel.name == GroupChannel.name:
             self._store.delete_key(self._key("ready"))  # after posting: off the worker's critical path
-        self._version = int(wire[VERSION_KEY])
+        self._version = read_header(wire)[0]
 
     def wait_sent(self) -> None:
         """Wait until the wire buffer passed to :meth:`post_send` may be overwritten."""
@@ -237,11 +237,11 @@ class DistributedTransport:
 
     def send_initial_weights(self, weights: Any) -> None:
         """Send the first weights without an instruction (the worker is blocked in its connect)."""
-        wire = self._stage(weights, int(weights[VERSION_KEY]) if is_wire_buffer(weights) else 0)
+        wire = self._stage(weights, read_header(weights)[0] if is_wire_buffer(weights) else 0)
         self._data_plane(lambda: self._channel.post(wire, _INITIAL_TAG), "sending the initial weights")
         self._ack_pending, self._ack = True, None
         self.wait_ack()  # the worker acks its initial weights too: the connection is then confirmed end to end
-        self._version = int(wire[VERSION_KEY])
+        self._version = read_header(wire)[0]
 
     def receiver_connected(self) -> bool:
         """Whether the worker has published its schema, i.e. called its side of the connection setup."""
@@ -371,7 +371,7 @@ class DistributedTransport:
     def _stage(self, weights: Any, version: int) -> TensorDictBase:
         """The wire buffer to send ``weights`` from, stamped ``version``: ``weights`` itself if it is one we can send."""
         sendable = is_wire_buffer(weights) and (self._staging is None or any(weights is staged for staged in self._staging.buffers))
-        if sendable and int(weights[VERSION_KEY]) == version:
+        if sendable and read_header(weights)[0] == version:
             return weights  # staged already (a scheme's pinned buffer): nothing to rewrite
         wire = weights if sendable else self._wire
         with self._channel.writing(wire):  # shared memory: no worker is copying from it meanwhile

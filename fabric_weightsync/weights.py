@@ -21,6 +21,7 @@ VERSION_KEY = "version"
 WEIGHTS_KEY = "weights"
 CHECKSUM_KEY = "checksum"
 EXTERNAL_STORAGE_ATTR = "_fws_storage"
+HEADER_WORDS_ATTR = "_fws_header"
 
 
 class SchemaMismatchError(RuntimeError):
@@ -135,6 +136,8 @@ def wire_views(schema: WeightSchema, storage: torch.Tensor) -> TensorDict:
         offset += weights[name].numel() * weights[name].element_size()
     wire = TensorDict({WEIGHTS_KEY: TensorDict(weights, device=storage.device), **header}, device=storage.device)
     setattr(wire, EXTERNAL_STORAGE_ATTR, storage)
+    if storage.device.type == "cpu":  # read and written on every update: no tensor op for two words
+        setattr(wire, HEADER_WORDS_ATTR, memoryview(storage[: 8 * len(_HEADER)].view(torch.int64).numpy()))
     return wire
 
 
@@ -162,10 +165,19 @@ def make_wire_buffer(
     return wire
 
 
+def header_words(wire: TensorDictBase) -> Optional[memoryview]:
+    """The (version, checksum) words of a host wire buffer as a memoryview: ~50 ns a read or write, where a
+    tensor op costs microseconds (tens when cold). ``None`` for a GPU buffer."""
+    return getattr(wire, HEADER_WORDS_ATTR, None)
+
+
 def read_header(wire: TensorDictBase) -> tuple[int, int]:
-    """(version, checksum) of a wire buffer in one read of its first 16 bytes (cheaper than two lookups)."""
-    version, checksum = wire_storage(wire)[: 8 * len(_HEADER)].view(torch.int64).tolist()
-    return version, checksum
+    """(version, checksum) of a wire buffer."""
+    words = header_words(wire)
+    if words is None:
+        version, checksum = wire_storage(wire)[: 8 * len(_HEADER)].view(torch.int64).tolist()
+        return version, checksum
+    return words[0], words[1]
 
 
 def is_wire_buffer(weights: object) -> bool:
