@@ -215,6 +215,7 @@ class SharedStaging:
         self._owner = owner
         # memoryviews of int64 words: indexing one costs ~50 ns, where numpy's machinery costs microseconds
         self._words = memoryview(_map_words(board_path, None).numpy())
+        self._ack_sequences = self._words[2::2]  # every worker row's sequence, as one strided view
         self._files = [os.open(wire._fws_shm_path, os.O_RDONLY) for wire in buffers]
         self._headers = [header_words(wire) for wire in buffers]
         self._publish_lock = threading.Lock()
@@ -253,7 +254,7 @@ class SharedStaging:
         is reading it, and none will (a worker only takes publications newer than what it applied). Otherwise
         an exclusive lock tells whether a worker's copy is still under way.
         """
-        if min(self._words[2::2], default=_NEVER) >= self._published_at[index]:
+        if min(self._ack_sequences, default=_NEVER) >= self._published_at[index]:
             return True
         if not self.try_lock(index):
             return False

@@ -200,8 +200,10 @@ class WeightSyncScheme:
         with self._cond:
             # Prefer the older buffer; overwrite the newest one only when a slow send or a worker's copy out of
             # shared memory still reads the older (readers then wait the one copy out, never the trainer).
-            target = next((i for i in (1 - self._latest, self._latest) if self._pins[i] == 0 and self._lock_for_write(i)), None)
-            if target is None:
+            for target in (1 - self._latest, self._latest):
+                if self._pins[target] == 0 and self._lock_for_write(target):
+                    break
+            else:
                 self._pending_version = version
                 return False
             self._writing = target
