@@ -243,6 +243,28 @@ def test_send_weights_async_and_wait_ack_to_two_workers(store, start_peers, tmp_
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("channel", ["group", "shm"])
+def test_send_weights_async_twice_without_wait_ack(store, start_peers, tmp_path, channel):
+    """A second async send first finishes the one in flight: restaging must not rewrite a buffer being read."""
+    model = peers.make_policy(seed=0)
+    transport = sender(store, model, sync=False, channel=channel)
+    context = start_peers(peers.receive_updates, 1, store.port, 2)
+    transport.setup_connection_and_weights_on_sender()
+    expected = [peers.snapshot(model), perturb(model, 0.5)]
+    transport.send_weights_async(model)
+    expected.append(perturb(model, 0.25))
+    transport.send_weights_async(model)  # no wait_ack in between
+    transport.wait_ack()
+    finish(context)
+    transport.close()
+
+    got = results(tmp_path)
+    assert [version for version, _ in got["seen"]] == [0, 1, 2]
+    for (_, weights), want in zip(got["seen"], expected):
+        assert_equal_weights(weights, want)
+
+
+@pytest.mark.timeout(60)
 def test_send_and_receive_initial_weights_on_a_given_group(store, start_peers, tmp_path):
     """The initial-weights pair without the connect handshake, on a pair group passed as ``group=``."""
     model = peers.make_policy(seed=0)
