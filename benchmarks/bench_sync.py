@@ -1,6 +1,6 @@
 """Weight-sync benchmark: fabric_weightsync against its floors (memcpy, raw gloo) and TorchRL's transport.
 
-    python benchmarks/bench_sync.py             # small, medium, many x W=1,2,4 (about 4 min on 2 cores)
+    python benchmarks/bench_sync.py             # small, medium, many x W=1,2,4 (about 2.5 min on 2 cores)
     python benchmarks/bench_sync.py --quick     # small + many, W=1,4, one round of fewer syncs (about 1 min)
     python benchmarks/bench_sync.py --large     # adds the ~250M-parameter model (~14 GB of RAM at W=4)
     python benchmarks/bench_sync.py --models many --workers 4 --paths raw-gloo,ours-gloo   # one comparison

@@ -175,7 +175,7 @@ class SharedMemoryChannel:
         return True
 
     def _wait(self, ready: Callable[[], bool], what: Optional[str], timeout: Optional[float] = None) -> bool:
-        """Poll ``ready`` (a memory read) with a growing pause; ``what`` set: raise :class:`StoreTimeout` on time out."""
+        """Poll ``ready`` (a memory read) with a growing pause; on time out ``False``, or with ``what`` an error."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         pause = 0.00005
         while not ready():
@@ -184,7 +184,7 @@ class SharedMemoryChannel:
             if time.monotonic() >= deadline:
                 if what is None:
                     return False
-                raise StoreTimeout(f"Timed out waiting {what} (worker rank {self.rank}, board {self.staging.board_path})")
+                raise ChannelError(f"Timed out waiting {what} (worker rank {self.rank}, board {self.staging.board_path})")
             time.sleep(pause)
             pause = min(pause * 2, 0.001)
         return True

@@ -201,7 +201,7 @@ class WeightSyncScheme:
             # Prefer the older buffer; overwrite the newest one only when a slow send or a worker's copy out of
             # shared memory still reads the older (readers then wait the one copy out, never the trainer).
             for target in (1 - self._latest, self._latest):
-                if self._pins[target] == 0 and self._lock_for_write(target):
+                if self._pins[target] == 0 and self._claim_for_write(target):
                     break
             else:
                 self._pending_version = version
@@ -330,9 +330,14 @@ class WeightSyncScheme:
                 return
             status.alive = False
             status.error = reason if error else None
+            link = self._links[worker_id] if worker_id < len(self._links) else None
+            # The connection that failed. Once notified, the link may already be opening the next one, which
+            # this failure must not abort (its worker would then be served by nobody).
+            failed = link.transport if link is not None else None
             self._cond.notify_all()
         log.warning("fabric_weightsync: inference worker %d %s: %s", worker_id, "failed" if error else "left", reason)
-        self._links[worker_id].abort()
+        if link is not None:
+            link.abort(failed)
         try:  # a worker that is only slow or was cut off reconnects (full resync) when it sees this
             self.control.client().set(evicted_key(status.rank), reason.encode())
         except Exception:  # the store is shutting down with the trainer
@@ -356,7 +361,7 @@ class WeightSyncScheme:
             pause = min(2 * pause, LINK_POLL_S)
         return True
 
-    def _lock_for_write(self, index: int) -> bool:
+    def _claim_for_write(self, index: int) -> bool:
         """Shared-memory staging: ``False`` while a worker's copy from that buffer may be under way."""
         return self._staging is None or self._staging.claim_for_write(index)
 
@@ -406,9 +411,10 @@ class _WorkerLink(threading.Thread):
         self.store = scheme.control.client()
         self.transport: Optional[DistributedTransport] = None
 
-    def abort(self) -> None:
-        """Wake this link wherever it waits on its worker (called from other threads)."""
-        transport = self.transport
+    def abort(self, transport: Optional[DistributedTransport] = None) -> None:
+        """Wake this link wherever it waits on its worker (called from other threads); ``transport``: only if it
+        still waits on that connection."""
+        transport = transport or self.transport
         if transport is None:
             return
         try:

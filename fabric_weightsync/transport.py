@@ -142,6 +142,7 @@ class DistributedTransport:
         self._ack_pending = False
         self._ack: Optional[bytes] = None
         self._aborted = False
+        self._closed = False
         self._staging = shared_staging
         self._owns_staging = False
         self._targets = _ModuleTargets()
@@ -348,12 +349,15 @@ class DistributedTransport:
     # ------------------------------------------------------------------ lifecycle
     def abort(self, store: dist.Store) -> None:
         """Make a thread blocked on this transport give up; call it from another thread with its own store client."""
+        if self._closed:  # nobody waits on it, and its keys may belong to this rank's next connection by now
+            return
         self._aborted = True
         store.set(self._key("ready"), _ABORT)
         store.set(self._key("out"), _ABORT)
 
     def close(self) -> None:
         """Drop the data plane and the keys this transport owns in the store."""
+        self._closed = True
         for name in ("in", "ready", "out", "schema", "verdict"):
             try:
                 self._store.delete_key(self._key(name))

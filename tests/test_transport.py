@@ -343,3 +343,21 @@ def test_receive_weights_into_buffer_and_with_strategy(store, start_peers, tmp_p
     assert third["version"] == 3
     assert_equal_weights(third["buffer"], expected[3])
     assert_equal_weights(third["policy"], expected[3])
+
+
+def test_abort_after_close_leaves_the_next_connection_alone(store):
+    """A failure declared for a connection that already closed must not abort, or leave keys for, the next one.
+
+    (Rank 0's link can be opening this rank's next connection by the time the failure reaches the old one.)
+    """
+    model = peers.make_policy(seed=0)
+    client = peers.client(store.port)
+    old = sender(store, model)
+    old.close()
+    old.abort(client)
+    assert not client.check(["NODE_1_ready"]) and not client.check(["NODE_1_out"])
+    new = sender(store, model)
+    assert not new._aborted
+    new.abort(client)  # an open transport still wakes whoever waits on it
+    assert client.get("NODE_1_ready") == b"abort" and client.get("NODE_1_out") == b"abort"
+    new.close()
