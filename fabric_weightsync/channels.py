@@ -311,8 +311,7 @@ class SharedStaging:
         self._words[2 * rank] = sequence
 
     def reset_acks(self, rank: int) -> None:
-        self._words[2 * rank] = -1
-        self._words[2 * rank + 1] = -1
+        self.acknowledge(rank, -1, -1)
 
     def exempt(self, rank: int) -> None:
         """Worker ``rank`` is served over a process group: it never reads these files."""

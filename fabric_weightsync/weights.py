@@ -98,6 +98,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 _HEADER = (VERSION_KEY, CHECKSUM_KEY)
+_HEADER_BYTES = 8 * len(_HEADER)  # one int64 each
 _ALIGN = 16
 
 
@@ -107,12 +108,12 @@ def _aligned(offset: int) -> int:
 
 def weights_offset() -> int:
     """Where the weights start in a wire buffer: everything from here to its end is the weights' bytes."""
-    return _aligned(8 * len(_HEADER))
+    return _aligned(_HEADER_BYTES)
 
 
 def wire_nbytes(schema: WeightSchema) -> int:
     """Bytes of a wire buffer: an int64 header (version, checksum), then every weight at an aligned offset."""
-    offset = 8 * len(_HEADER)
+    offset = _HEADER_BYTES
     for _, shape, dtype in schema.entries:
         offset = _aligned(offset) + torch.Size(shape).numel() * torch.empty((), dtype=_dtype(dtype)).element_size()
     return _aligned(offset)
@@ -129,7 +130,7 @@ def wire_views(schema: WeightSchema, storage: torch.Tensor) -> TensorDict:
         return storage[offset : offset + nbytes].view(dtype).view(shape)
 
     header = {key: view(8 * i, (), torch.int64) for i, key in enumerate(_HEADER)}
-    weights, offset = {}, 8 * len(_HEADER)
+    weights, offset = {}, _HEADER_BYTES
     for name, shape, dtype in schema.entries:
         offset = _aligned(offset)
         weights[name] = view(offset, shape, _dtype(dtype))
@@ -137,7 +138,7 @@ def wire_views(schema: WeightSchema, storage: torch.Tensor) -> TensorDict:
     wire = TensorDict({WEIGHTS_KEY: TensorDict(weights, device=storage.device), **header}, device=storage.device)
     setattr(wire, EXTERNAL_STORAGE_ATTR, storage)
     if storage.device.type == "cpu":  # read and written on every update: no tensor op for two words
-        setattr(wire, HEADER_WORDS_ATTR, memoryview(storage[: 8 * len(_HEADER)].view(torch.int64).numpy()))
+        setattr(wire, HEADER_WORDS_ATTR, memoryview(storage[:_HEADER_BYTES].view(torch.int64).numpy()))
     return wire
 
 
@@ -175,7 +176,7 @@ def read_header(wire: TensorDictBase) -> tuple[int, int]:
     """(version, checksum) of a wire buffer."""
     words = header_words(wire)
     if words is None:
-        version, checksum = wire_storage(wire)[: 8 * len(_HEADER)].view(torch.int64).tolist()
+        version, checksum = wire_storage(wire)[:_HEADER_BYTES].view(torch.int64).tolist()
         return version, checksum
     return words[0], words[1]
 
