@@ -1,10 +1,14 @@
-"""The trainer's weights re-homed into one storage laid out like the wire, so staging an update is one memcpy.
+"""A module's weights re-homed into one storage laid out like the wire: staging or applying an update is one copy.
 
 A module's parameters and buffers normally live in as many allocations as there are tensors; copying them into
 a staging buffer then costs one kernel launch (or one loop iteration of ``_foreach_copy_``) per tensor, which is
 what dominates the push of a small policy. :class:`FlatWeights` moves each tensor's data into a slice of a single
 storage with exactly the wire buffer's layout (``p.data = slice``: the ``Parameter`` objects, and so the
 optimizer's and DDP's references to them, stay the same), after which a push copies one contiguous byte range.
+
+On a worker the same move makes the policy's storage a wire buffer itself: an update received into a private
+landing buffer is applied by pointing the tensors at it (:meth:`FlatWeights.swap`, about 0.3 us per tensor
+instead of a copy of every byte), and the policy's former storage becomes the next landing buffer.
 
 Only plain tensors are moved: strided, contiguous, owning their whole storage, not shared with another process
 and all on one device. Anything else (a view of another tensor, a channels-last weight, a tensor subclass, a
@@ -24,13 +28,19 @@ from fabric_weightsync.weights import WEIGHTS_KEY, LayoutProbe, WeightSchema, we
 class FlatWeights:
     """``module``'s weights living in one wire-layout storage; :meth:`stage_into` copies them in one go."""
 
-    def __init__(self, module: nn.Module, schema: WeightSchema, storage: torch.Tensor, sources: list[torch.Tensor]) -> None:
-        self.storage = storage
-        self._span = slice(weights_offset(), storage.numel())
-        self._weights_bytes = storage[self._span]
-        self._destinations: dict[int, tuple[TensorDictBase, torch.Tensor]] = {}
+    def __init__(self, module: nn.Module, schema: WeightSchema, wire: TensorDictBase, sources: list[torch.Tensor]) -> None:
+        self.wire = wire
+        """The wire buffer whose storage the weights live in (its header is not theirs)."""
+        self._sources = sources
+        self._span = slice(weights_offset(), wire_storage(wire).numel())
+        self._weights_bytes = wire_storage(wire)[self._span]
+        self._slices: dict[int, tuple[TensorDictBase, torch.Tensor]] = {}
         self.probe = LayoutProbe(module, schema, sources, pin_addresses=True)
-        """Whether every weight still is the same tensor at its place in :attr:`storage` (a few us per push)."""
+        """Whether every weight still is the same tensor at its place in :attr:`wire` (a few us per push)."""
+
+    @property
+    def storage(self) -> torch.Tensor:
+        return wire_storage(self.wire)
 
     @classmethod
     def adopt(cls, module: nn.Module, schema: WeightSchema, sources: list[torch.Tensor]) -> Optional["FlatWeights"]:
@@ -39,21 +49,44 @@ class FlatWeights:
             return None
         storage = torch.empty(wire_nbytes(schema), dtype=torch.uint8, device=sources[0].device)
         storage[: weights_offset()].zero_()
-        views = list(wire_views(schema, storage)[WEIGHTS_KEY].values())
+        wire = wire_views(schema, storage)
         with torch.no_grad():
-            for tensor, view in zip(sources, views):
+            for tensor, view in zip(sources, wire[WEIGHTS_KEY].values()):
                 view.copy_(tensor)
                 tensor.data = view
         if storage.device.type == "cpu":
             _trim_heap()
-        return cls(module, schema, storage, sources)
+        return cls(module, schema, wire, sources)
 
     def stage_into(self, wire: TensorDictBase) -> None:
         """Copy every weight into ``wire`` (a wire buffer of the same schema) as one contiguous copy."""
-        cached = self._destinations.get(id(wire))
-        if cached is None or cached[0] is not wire:  # staging buffers are few and long-lived: slice them once
-            cached = self._destinations[id(wire)] = (wire, wire_storage(wire)[self._span])
-        cached[1].copy_(self._weights_bytes)  # raw bytes, outside autograd: no no_grad() needed
+        self._weights_of(wire).copy_(self._weights_bytes)  # raw bytes, outside autograd: no no_grad() needed
+
+    def load_from(self, wire: TensorDictBase) -> None:
+        """Overwrite every weight with those of ``wire`` as one contiguous copy."""
+        self._weights_bytes.copy_(self._weights_of(wire))
+
+    def swap(self, landed: TensorDictBase) -> TensorDictBase:
+        """Point every weight at its slice of ``landed`` (same schema, same device); returns the former wire.
+
+        No byte is copied, and the tensors stay the same objects. Nothing may hold the former wire's memory
+        for the weights' sake afterwards: it is free to be written, typically by the next update.
+        """
+        list(map(_set_data, self._sources, landed[WEIGHTS_KEY].values()))
+        former, self.wire = self.wire, landed
+        self._weights_bytes = self._weights_of(landed)
+        self.probe.addresses = list(map(torch.Tensor.data_ptr, self._sources))
+        return former
+
+    def _weights_of(self, wire: TensorDictBase) -> torch.Tensor:
+        """The weights' byte range of ``wire`` (buffers are few and long-lived: sliced once each)."""
+        cached = self._slices.get(id(wire))
+        if cached is None or cached[0] is not wire:
+            cached = self._slices[id(wire)] = (wire, wire_storage(wire)[self._span])
+        return cached[1]
+
+
+_set_data = torch.Tensor.data.__set__
 
 
 def _trim_heap() -> None:

@@ -39,6 +39,7 @@ from fabric_weightsync.channels import (
     await_key,
     host_id,
 )
+from fabric_weightsync.flat import FlatWeights
 from fabric_weightsync.weights import (
     VERSION_KEY,
     WEIGHTS_KEY,
@@ -108,6 +109,11 @@ class DistributedTransport:
         shared_staging: shared-memory staging to publish from on the ``"shm"`` channel, shared by the
             transports of several workers (what :class:`~fabric_weightsync.scheme.WeightSyncScheme` does);
             without it the transport creates one buffer of its own when the shared-memory channel is chosen.
+        flatten_weights: receiver side, for a ``model`` on the CPU made of plain tensors: move its weights into a
+            wire buffer once (the ``Parameter`` objects stay the same), so that an update received over a process
+            group is applied by swapping storage with the landing buffer instead of copying every byte, and one
+            read from shared memory by a single contiguous copy. The weights' memory then alternates between two
+            buffers; turn it off if something relies on their addresses.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class DistributedTransport:
         group_name: Optional[str] = None,
         checksum: bool = False,
         shared_staging: Optional[SharedStaging] = None,
+        flatten_weights: bool = True,
     ) -> None:
         if channel not in ("group", "shm", "auto"):
             raise ValueError(f"channel must be 'group', 'shm' or 'auto', got {channel!r}")
@@ -145,7 +152,7 @@ class DistributedTransport:
         self._closed = False
         self._staging = shared_staging
         self._owns_staging = False
-        self._targets = _ModuleTargets()
+        self._targets = _ModuleTargets(flatten_weights)
         self._version = 0
 
     # ------------------------------------------------------------------ properties
@@ -398,7 +405,8 @@ class DistributedTransport:
         if self._aborted:
             raise TransportAborted(f"transport of worker rank {self._rank} was aborted")
         if weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy):
-            self._targets.copy(model, source, self._schema)  # straight from the landing area: one copy
+            landing = self._targets.apply(model, source, self._schema, landed_privately=source is self._wire)
+            self._wire = landing if landing is not None else self._wire
             received = source[WEIGHTS_KEY]
         else:
             if source is not self._wire:
@@ -442,28 +450,48 @@ class DistributedTransport:
 
 
 class _ModuleTargets:
-    """The module's tensors in schema order, re-read only when the module's layout changed."""
+    """The module's tensors in schema order, re-read only when the module's layout changed.
 
-    def __init__(self) -> None:
+    With ``flatten``, a CPU policy made of plain tensors is moved into a wire buffer of its own once
+    (:class:`~fabric_weightsync.flat.FlatWeights`): an update that landed in the transport's private buffer is then
+    applied by a swap of storage (no copy), one read from shared memory by a single contiguous copy.
+    """
+
+    def __init__(self, flatten: bool) -> None:
+        self._flatten = flatten
         self._model: Optional[nn.Module] = None
         self._tensors: list[torch.Tensor] = []
         self._probe: Optional[LayoutProbe] = None
+        self._flat: Optional[FlatWeights] = None
         self._sources: dict[int, tuple[TensorDictBase, list[torch.Tensor]]] = {}
 
-    def copy(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
+    def apply(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema, landed_privately: bool) -> Optional[TensorDictBase]:
+        """Write ``source``'s weights into ``model``; returns the buffer to land the next update in when it
+        took ``source``'s storage instead (``landed_privately``: nothing else reads or writes ``source``)."""
         if model is not self._model or not self._probe.unchanged():
-            module = unwrap(model)
-            targets = named_weights(module)
-            names = [name for name, _, _ in schema.entries]
-            if len(targets) != len(names) or any(name not in targets for name in names):
-                WeightStrategy().apply_weights(model, source[WEIGHTS_KEY])  # raises the precise mismatch
-            self._model, self._tensors = model, [targets[name] for name in names]
-            self._probe = LayoutProbe(module, schema, self._tensors)
+            self._bind(model, source, schema)
+        if self._flat is not None and wire_storage(source).device == self._flat.storage.device:
+            if landed_privately:
+                return self._flat.swap(source)
+            self._flat.load_from(source)
+            return None
         cached = self._sources.get(id(source))
         if cached is None or cached[0] is not source:  # landing buffers are few and long-lived: list them once
             cached = self._sources[id(source)] = (source, list(source[WEIGHTS_KEY].values()))
         with torch.no_grad():
             torch._foreach_copy_(self._tensors, cached[1])
+        return None
+
+    def _bind(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
+        module = unwrap(model)
+        targets = named_weights(module)
+        names = [name for name, _, _ in schema.entries]
+        if len(targets) != len(names) or any(name not in targets for name in names):
+            WeightStrategy().apply_weights(model, source[WEIGHTS_KEY])  # raises the precise mismatch
+        self._model, self._tensors = model, [targets[name] for name in names]
+        on_cpu = all(tensor.device.type == "cpu" for tensor in self._tensors)
+        self._flat = FlatWeights.adopt(module, schema, self._tensors) if self._flatten and on_cpu else None
+        self._probe = self._flat.probe if self._flat is not None else LayoutProbe(module, schema, self._tensors)
 
 
 def _as_wire_buffer(weights: Any, backend: str) -> TensorDictBase:

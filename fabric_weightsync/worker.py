@@ -42,16 +42,22 @@ class WeightReceiver:
     half-updated. ``version`` is the trainer's optimizer-step count of the applied weights and only grows.
     """
 
-    def __init__(self, policy: nn.Module, strategy: WeightStrategy, context: "WorkerContext") -> None:
+    def __init__(self, policy: nn.Module, strategy: WeightStrategy, context: "WorkerContext", flatten_weights: bool = True) -> None:
         self._policy = policy
         self._strategy = strategy
         self._context = context
+        self._flatten_weights = flatten_weights
         self._transport = self._connect()
 
     def _connect(self) -> DistributedTransport:
         context = self._context
         transport = DistributedTransport(
-            weights_buffer=self._policy, store=context.control.client(), rank=context.rank, backend=context.backend, timeout=context.timeout
+            weights_buffer=self._policy,
+            store=context.control.client(),
+            rank=context.rank,
+            backend=context.backend,
+            timeout=context.timeout,
+            flatten_weights=self._flatten_weights,
         )
         transport.setup_connection_and_weights_on_receiver(worker_idx=context.worker_id, model=self._policy, strategy=self._strategy)
         return transport
@@ -131,15 +137,20 @@ class WorkerContext:
         """This worker's transport rank (1-indexed, as in TorchRL)."""
         return self.worker_id + 1
 
-    def connect(self, policy: nn.Module, *, strategy: Optional[WeightStrategy] = None) -> WeightReceiver:
+    def connect(self, policy: nn.Module, *, strategy: Optional[WeightStrategy] = None, flatten_weights: bool = True) -> WeightReceiver:
         """Join this worker's transport and receive the initial weights: the policy then equals the trainer's.
+
+        With ``flatten_weights`` (the default), a CPU policy's weights move once into one storage (the
+        ``Parameter`` objects stay the same): an update over a process group is then applied by swapping that
+        storage with the landing buffer, and one over shared memory by one contiguous copy. Turn it off if
+        something on the worker relies on the weights' addresses.
 
         Raises :class:`~fabric_weightsync.weights.SchemaMismatchError` naming the differing keys when the
         policy's names, shapes or dtypes differ from the trainer's module.
         """
         if self._receiver is not None:
             raise RuntimeError(f"Worker {self.worker_id} is already connected")
-        self._receiver = WeightReceiver(policy, strategy or WeightStrategy(), self)
+        self._receiver = WeightReceiver(policy, strategy or WeightStrategy(), self, flatten_weights)
         return self._receiver
 
     def send(self, batch: "TensorDictBase", *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:

@@ -50,7 +50,7 @@ def assert_healthy(run: Run, launch: Launch) -> None:
         assert w["final_version"] == launch.steps, f"worker {w['worker_id']} ended at {w['final_version']}"
         versions = w["versions"]
         assert all(a < b for a, b in zip(versions, versions[1:])), f"versions not increasing: {versions}"
-        assert w["params_kept_identity"], "updates must land in the policy's own tensors"
+        assert w["params_kept_identity"], "updates must land in the policy's own tensor objects"
         saved = torch.load(run.out_dir / f"worker{w['worker_id']}.pt")
         assert saved["versions"][-1] == launch.steps
         assert_same_weights(saved["weights"], trainer["weights"], f"worker {w['worker_id']}")

@@ -64,6 +64,27 @@ def test_flat_weights_live_in_one_storage_with_the_wire_layout():
     assert flat.probe.unchanged()
 
 
+def test_flat_weights_swap_in_a_landed_buffer_and_load_from_one():
+    """A worker's side: applying a landed wire buffer moves the weights into it; the former home is returned."""
+    model = make_model()
+    params = list(model.parameters())
+    schema, tensors = sources(model)
+    flat = FlatWeights.adopt(model, schema, tensors)
+    home = flat.wire
+    landed = make_wire_buffer(make_model(seed=1))
+    want = staged_state(landed, schema)
+    assert flat.swap(landed) is home
+    assert flat.wire is landed and flat.probe.unchanged(), "the probe follows the weights to their new home"
+    assert all(a is b for a, b in zip(model.parameters(), params)), "same Parameter objects"
+    base = flat.storage.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in named_weights(model).values())
+    assert_same(state(model), want)
+    again = make_wire_buffer(make_model(seed=2))
+    flat.load_from(again)  # shared memory: copied in, the weights stay where they are
+    assert flat.storage.untyped_storage().data_ptr() == base
+    assert_same(state(model), staged_state(again, schema))
+
+
 def test_flat_weights_still_train():
     """The optimizer and autograd keep working on the moved parameters, and the flat storage sees every step."""
     model = make_model()

@@ -131,8 +131,55 @@ def test_send_weights_and_receive_weights(store, start_peers, tmp_path, channel)
     assert [version for version, _ in got["seen"]] == [0, 1, 2, 7, 8]
     for (_, weights), (_, want) in zip(got["seen"], expected):
         assert_equal_weights(weights, want)
-    assert got["kept_identity"], "received weights must be copied into the policy's own tensors"
+    assert got["kept_identity"], "received weights must land in the policy's own tensor objects"
     assert got["channel"] == EXPECTED_CHANNEL[channel], "the sender chooses the data plane, the receiver follows"
+    assert all(len(home) == 1 for home in got["homes"]), "a flattened policy lives in one storage"
+    if got["channel"] == "group":  # applied by swapping storage with the landing buffer: two homes, alternating
+        homes = [home.pop() for home in got["homes"]]
+        assert len(set(homes)) == 2 and all(a != b for a, b in zip(homes, homes[1:])), homes
+    else:  # copied out of shared memory in one go: the policy stays where it was moved to
+        assert len({home.pop() for home in got["homes"]}) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("channel", ["group", "shm"])
+def test_policy_tensors_replaced_between_updates(store, start_peers, tmp_path, channel):
+    """A worker that swaps its policy's tensors for new ones between two updates gets the second one in them."""
+    model = peers.make_policy(seed=0)
+    transport = sender(store, model, channel=channel)
+    context = start_peers(peers.receive_around_a_reload, 1, store.port)
+    transport.setup_connection_and_weights_on_sender()
+    perturb(model, 0.5)
+    transport.send_weights(model)
+    want = perturb(model, 0.25)
+    transport.send_weights(model)
+    finish(context)
+    transport.close()
+    got = results(tmp_path)
+    assert got["seen"][0][0] == 2
+    assert_equal_weights(got["seen"][0][1], want)
+    assert got["kept_identity"], "the policy's new tensors were updated, not replaced"
+    assert len(got["homes"][0]) == 1, "the new tensors were flattened in turn"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("channel", ["group", "shm"])
+def test_receiver_that_does_not_flatten_keeps_the_policy_memory(store, start_peers, tmp_path, channel):
+    """``flatten_weights=False``: every update is copied into the policy's tensors where they always were."""
+    model = peers.make_policy(seed=0)
+    transport = sender(store, model, channel=channel)
+    context = start_peers(peers.receive_updates, 1, store.port, 2, False)
+    transport.setup_connection_and_weights_on_sender()
+    expected = [peers.snapshot(model), perturb(model, 0.5)]
+    transport.send_weights(model)
+    expected.append(perturb(model, 0.25))
+    transport.send_weights(model)
+    finish(context)
+    transport.close()
+    got = results(tmp_path)
+    for (_, weights), want in zip(got["seen"], expected):
+        assert_equal_weights(weights, want)
+    assert all(home == got["before"] for home in got["homes"]), "the policy's tensors never moved"
 
 
 @pytest.mark.timeout(60)

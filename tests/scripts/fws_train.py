@@ -11,6 +11,7 @@ weights, so the test can compare tensors exactly. Lines look like ``TAG key=valu
 import argparse
 import gc
 import json
+import operator
 import os
 import sys
 import time
@@ -80,7 +81,7 @@ def worker(ctx) -> None:
     hidden = MISMATCHED_HIDDEN if args.worker_mode == "mismatch" else HIDDEN
     # A seed unlike the trainer's: equal weights at the end can only come from a transfer.
     policy = make_policy(hidden, seed=1000 + ctx.worker_id)
-    identity = [p.data_ptr() for p in policy.parameters()]
+    tensors = list(policy.parameters())
     rx = ctx.connect(policy)
     if args.worker_mode == "raise" and ctx.worker_id == 0:
         raise RuntimeError(f"injected failure in inference worker {ctx.worker_id}")
@@ -95,7 +96,7 @@ def worker(ctx) -> None:
     emit(
         "WORKER_DONE",
         worker_id=ctx.worker_id, final_version=rx.version, versions=versions, checksum=checksum(policy),
-        params_kept_identity=identity == [p.data_ptr() for p in policy.parameters()],
+        params_kept_identity=all(map(operator.is_, tensors, policy.parameters())),
     )  # fmt: skip
 
 

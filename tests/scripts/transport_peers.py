@@ -5,6 +5,7 @@ the worker of transport rank ``index + 1``. Each peer saves what it observed to 
 (versions, weights, errors) for the test to compare exactly; expected errors are recorded, not raised.
 """
 
+import operator
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -40,23 +41,31 @@ def _save(out_dir: str, index: int, **result) -> None:
     torch.save(result, Path(out_dir) / f"peer{index}.pt")
 
 
-def _receiver(port: int, index: int, policy: nn.Module, channel_hint: str = "group") -> DistributedTransport:
+def _receiver(port: int, index: int, policy: nn.Module, channel_hint: str = "group", **kwargs) -> DistributedTransport:
     # The receiver's channel argument is ignored by design (the sender decides); passing it checks that it is.
-    return DistributedTransport(weights_buffer=policy, store=client(port), rank=index + 1, timeout=TIMEOUT, channel=channel_hint)
+    return DistributedTransport(weights_buffer=policy, store=client(port), rank=index + 1, timeout=TIMEOUT, channel=channel_hint, **kwargs)
 
 
-def receive_updates(index: int, port: int, out_dir: str, updates: int) -> None:
-    """Connect, then take ``updates`` updates with ``receive_weights(model=...)``, recording each one."""
+def storages(module: nn.Module) -> set:
+    """Where the module's weights live: one address per distinct storage."""
+    return {t.untyped_storage().data_ptr() for t in module.state_dict().values()}
+
+
+def receive_updates(index: int, port: int, out_dir: str, updates: int, flatten: bool = True) -> None:
+    """Connect, then take ``updates`` updates with ``receive_weights(model=...)``, recording each one and where
+    the policy's weights lived after it."""
     policy = make_policy(seed=100 + index)
-    identity = [t.data_ptr() for t in policy.state_dict().values()]
-    transport = _receiver(port, index, policy)
+    tensors = [*policy.parameters(), *policy.buffers()]
+    before = storages(policy)
+    transport = _receiver(port, index, policy, flatten_weights=flatten)
     transport.setup_connection_and_weights_on_receiver(worker_idx=index, model=policy)
-    seen = [(transport.version, snapshot(policy))]
+    seen, homes = [(transport.version, snapshot(policy))], [storages(policy)]
     for _ in range(updates):
         assert transport.receive_weights(TIMEOUT, model=policy) is not None, "an update was expected"
         seen.append((transport.version, snapshot(policy)))
-    kept = identity == [t.data_ptr() for t in policy.state_dict().values()]
-    _save(out_dir, index, seen=seen, kept_identity=kept, channel=transport.channel)
+        homes.append(storages(policy))
+    kept = all(map(operator.is_, tensors, [*policy.parameters(), *policy.buffers()]))
+    _save(out_dir, index, seen=seen, kept_identity=kept, channel=transport.channel, before=before, homes=homes)
 
 
 def receive_after_empty_polls(index: int, port: int, out_dir: str, wait_s: float) -> None:
@@ -142,3 +151,17 @@ def receive_into_buffers(index: int, port: int, out_dir: str) -> None:
         initial_buffer={k: v.clone() for k, v in initial_buffer.flatten_keys(".").items()},
         policy_after_connect=policy_after_connect, first=first, second=second, third=third,
     )  # fmt: skip
+
+
+def receive_around_a_reload(index: int, port: int, out_dir: str) -> None:
+    """Take an update, replace every tensor of the policy (``load_state_dict(assign=True)``), take another."""
+    policy = make_policy(seed=100 + index)
+    transport = _receiver(port, index, policy)
+    transport.setup_connection_and_weights_on_receiver(worker_idx=index, model=policy)
+    assert transport.receive_weights(TIMEOUT, model=policy) is not None
+    reloaded = {name: value.clone() for name, value in policy.state_dict().items()}
+    policy.load_state_dict(reloaded, assign=True)
+    tensors = [*policy.parameters(), *policy.buffers()]
+    assert transport.receive_weights(TIMEOUT, model=policy) is not None
+    kept = all(map(operator.is_, tensors, [*policy.parameters(), *policy.buffers()]))
+    _save(out_dir, index, seen=[(transport.version, snapshot(policy))], kept_identity=kept, homes=[storages(policy)])
