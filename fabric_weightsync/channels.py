@@ -84,7 +84,8 @@ class GroupChannel:
     def release(self) -> None:
         pass
 
-    def receive(self, wire: TensorDictBase, tag: int) -> TensorDictBase:
+    def receive(self, wire: TensorDictBase, tag: int, land: bool = True) -> TensorDictBase:
+        """Receive into ``wire`` (a process group always lands the update there)."""
         self._wait(self._group().recv([wire_storage(wire)], 0, tag), "receiving")
         return wire
 
@@ -107,8 +108,10 @@ class SharedMemoryChannel:
     The board (:class:`SharedStaging`) holds the newest publication (a sequence number, which buffer, which
     version) and, per worker rank, the sequence and version it last applied. A worker's poll is a read of
     that memory; to take an update it holds a shared ``flock`` on the buffer's file while it copies, and the
-    sender only writes a buffer it can lock exclusively without waiting, so a buffer is never read while it is
-    written, a trainer never waits on a reader, and a reader that dies releases its lock with its process.
+    sender only rewrites a buffer it can lock exclusively without waiting, so an old version is never
+    overwritten while it is read, a trainer never waits on a reader, and a reader that dies releases its lock
+    with its process. A publication may come before its bytes (the scheme streams big updates): a reader then
+    copies only what the buffer's fill word on the board says is written, into its own landing buffer.
     """
 
     name = "shm"
@@ -149,10 +152,22 @@ class SharedMemoryChannel:
         """Whether a publication newer than the last one taken appears within ``timeout`` (0: look once)."""
         return self._wait(lambda: self.staging.published()[0] > self._taken, None, timeout)
 
-    def receive(self, wire: TensorDictBase, tag: int) -> TensorDictBase:
-        """The newest published buffer, locked for reading; call :meth:`release` after the copy, before the ack."""
+    def receive(self, wire: TensorDictBase, tag: int, land: bool = False) -> TensorDictBase:
+        """The newest publication: with ``land``, copied into ``wire`` (as the sender writes it, if it still does)
+        and returned; otherwise its buffer, locked and whole. Call :meth:`release` after the copy, before the ack."""
         self._wait(self._lock_newest, "for the sender to publish an update in shared memory")
-        return self.staging.buffers[self._locked]
+        staged, index = self.staging.buffers[self._locked], self._locked
+        if not land:
+            self._wait(lambda: self.staging.fill_of(index) == self.staging.nbytes, "for the sender to finish writing the update")
+            return staged
+        source, destination, done = wire_storage(staged), wire_storage(wire), 0
+        while done < self.staging.nbytes:
+            self._wait(lambda: self.staging.fill_of(index) > done, "for the sender to finish writing the update")
+            ready = self.staging.fill_of(index)
+            destination[done:ready].copy_(source[done:ready])
+            done = ready
+        self.release()  # early: the sender may rewrite that buffer while this worker applies its copy
+        return wire
 
     def release(self) -> None:
         if self._locked is not None:
@@ -204,8 +219,11 @@ class SharedStaging:
 
     The sender creates it (:meth:`create`) and names its files to the worker at connect; the worker maps them
     (:meth:`open`). Board rows are int64 pairs: row 0 = (sequence << 4 | buffer index, version) of the newest
-    publication, row ``r`` = (sequence, version) that the worker of rank ``r`` last applied. Each word is
-    written in one aligned store, and readers re-check what they read under the buffer's lock.
+    publication, row ``r`` = (sequence, version) that the worker of rank ``r`` last applied; after the rows, one
+    *fill* word per buffer: how many of its bytes hold the version in its header. A buffer can be published
+    while the sender still writes it (:meth:`begin_fill`, then :meth:`filled` after each chunk), so a worker
+    copies behind the sender instead of after it. Each word is written in one aligned store (ordered after the
+    bytes it describes on x86's total store order), and readers re-check what they read under the buffer's lock.
     """
 
     def __init__(self, schema: WeightSchema, buffers: list[TensorDictBase], board_path: str, owner: bool) -> None:
@@ -215,7 +233,10 @@ class SharedStaging:
         self._owner = owner
         # memoryviews of int64 words: indexing one costs ~50 ns, where numpy's machinery costs microseconds
         self._words = memoryview(_map_words(board_path, None).numpy())
-        self._ack_sequences = self._words[2::2]  # every worker row's sequence, as one strided view
+        rows_end = len(self._words) - len(buffers)
+        self._ack_sequences = self._words[2:rows_end:2]  # every worker row's sequence, as one strided view
+        self._fills = self._words[rows_end:]
+        self.nbytes = wire_nbytes(schema)
         self._files = [os.open(wire._fws_shm_path, os.O_RDONLY) for wire in buffers]
         self._headers = [header_words(wire) for wire in buffers]
         self._publish_lock = threading.Lock()
@@ -228,9 +249,10 @@ class SharedStaging:
         run_id = run_id or new_run_id()
         wires = [SharedWireBuffer.create(schema, run_id, index) for index in range(buffers)]
         board_path = os.path.join(shm_dir(), f"{_SHM_PREFIX}{run_id}-board")
-        words = _map_words(board_path, 2 * (ranks + 1))
+        words = _map_words(board_path, 2 * (ranks + 1) + buffers)
         words.fill_(-1)
         words[0] = 0  # sequence 0: nothing published yet
+        words[2 * (ranks + 1) :] = wire_nbytes(schema)  # every buffer is whole until a write begins
         return cls(schema, wires, board_path, owner=True)
 
     @classmethod
@@ -247,19 +269,39 @@ class SharedStaging:
                 return index
         raise ChannelError("the shared-memory channel sends only its own staging buffers")
 
-    def claim_for_write(self, index: int) -> bool:
+    def claim_for_write(self, index: int, hold: bool = True) -> bool:
         """Whether the sender may rewrite buffer ``index`` now, without waiting; if so, :meth:`end_write` after.
 
         No lock is needed when every worker has applied something published after this buffer last was: none
         is reading it, and none will (a worker only takes publications newer than what it applied). Otherwise
-        an exclusive lock tells whether a worker's copy is still under way.
+        an exclusive lock tells whether a worker's copy is still under way. ``hold=False`` lets go of that lock
+        at once, which is safe when a newer publication than this buffer's is out: a worker that locks it from
+        then on finds it is not the newest (or is the sender's new publication of it) and moves on.
         """
         if min(self._ack_sequences, default=_NEVER) >= self._published_at[index]:
             return True
         if not self.try_lock(index):
             return False
-        self._write_locked.add(index)
+        if hold:
+            self._write_locked.add(index)
+        else:
+            self.unlock(index)
         return True
+
+    def is_newest(self, index: int) -> bool:
+        """Whether buffer ``index`` holds the newest publication (sender side)."""
+        return self._published_at[index] == self._words[0] >> 4 > 0
+
+    def begin_fill(self, index: int) -> None:
+        """Buffer ``index`` is about to be rewritten: none of its bytes hold the coming version yet."""
+        self._fills[index] = 0
+
+    def filled(self, index: int, nbytes: int) -> None:
+        """The first ``nbytes`` bytes of buffer ``index`` hold the version in its header."""
+        self._fills[index] = nbytes
+
+    def fill_of(self, index: int) -> int:
+        return self._fills[index]
 
     def end_write(self, index: int) -> None:
         if index in self._write_locked:

@@ -16,7 +16,7 @@ and all on one device. Anything else (a view of another tensor, a channels-last 
 """
 
 import ctypes
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tensordict import TensorDictBase
@@ -35,6 +35,7 @@ class FlatWeights:
         self._span = slice(weights_offset(), wire_storage(wire).numel())
         self._weights_bytes = wire_storage(wire)[self._span]
         self._slices: dict[int, tuple[TensorDictBase, torch.Tensor]] = {}
+        self._chunk_lists: dict[int, tuple[TensorDictBase, list[tuple[torch.Tensor, torch.Tensor, int]]]] = {}
         self.probe = LayoutProbe(module, schema, sources, pin_addresses=True)
         """Whether every weight still is the same tensor at its place in :attr:`wire` (a few us per push)."""
 
@@ -58,13 +59,23 @@ class FlatWeights:
             _trim_heap()
         return cls(module, schema, wire, sources)
 
-    def stage_into(self, wire: TensorDictBase) -> None:
-        """Copy every weight into ``wire`` (a wire buffer of the same schema) as one contiguous copy."""
-        self._weights_of(wire).copy_(self._weights_bytes)  # raw bytes, outside autograd: no no_grad() needed
+    @property
+    def streams(self) -> bool:
+        """Whether :meth:`stage_into` can report progress: host weights of more than one chunk."""
+        return self.storage.device.type == "cpu" and self._weights_bytes.numel() > STREAM_CHUNK_BYTES
 
-    def load_from(self, wire: TensorDictBase) -> None:
-        """Overwrite every weight with those of ``wire`` as one contiguous copy."""
-        self._weights_bytes.copy_(self._weights_of(wire))
+    def stage_into(self, wire: TensorDictBase, report: Optional[Callable[[int], None]] = None) -> None:
+        """Copy every weight into ``wire`` (a wire buffer of the same schema) as one contiguous copy.
+
+        With ``report``, the copy goes in chunks of :data:`STREAM_CHUNK_BYTES` and ``report(end)`` follows each
+        one: the first ``end`` bytes of ``wire``'s storage are then written (about 3 us per 4 MB chunk).
+        """
+        if report is None:
+            self._weights_of(wire).copy_(self._weights_bytes)  # raw bytes, outside autograd: no no_grad() needed
+            return
+        for destination, source, end in self._chunks_of(wire):
+            destination.copy_(source)
+            report(end)
 
     def swap(self, landed: TensorDictBase) -> TensorDictBase:
         """Point every weight at its slice of ``landed`` (same schema, same device); returns the former wire.
@@ -78,6 +89,18 @@ class FlatWeights:
         self.probe.addresses = list(map(torch.Tensor.data_ptr, self._sources))
         return former
 
+    def _chunks_of(self, wire: TensorDictBase) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(destination, source, end offset in the storage) per chunk of ``wire``'s weights, sliced once."""
+        cached = self._chunk_lists.get(id(wire))
+        if cached is None or cached[0] is not wire:
+            destination, start = self._weights_of(wire), self._span.start
+            chunks = [
+                (destination[at : at + STREAM_CHUNK_BYTES], self._weights_bytes[at : at + STREAM_CHUNK_BYTES], start + min(at + STREAM_CHUNK_BYTES, destination.numel()))
+                for at in range(0, destination.numel(), STREAM_CHUNK_BYTES)
+            ]
+            cached = self._chunk_lists[id(wire)] = (wire, chunks)
+        return cached[1]
+
     def _weights_of(self, wire: TensorDictBase) -> torch.Tensor:
         """The weights' byte range of ``wire`` (buffers are few and long-lived: sliced once each)."""
         cached = self._slices.get(id(wire))
@@ -87,6 +110,9 @@ class FlatWeights:
 
 
 _set_data = torch.Tensor.data.__set__
+
+STREAM_CHUNK_BYTES = 4 << 20
+"""Chunk of a reported staging copy: a reader copying behind the writer trails it by about one chunk."""
 
 
 def _trim_heap() -> None:

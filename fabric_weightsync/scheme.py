@@ -3,7 +3,9 @@
 The trainer thread only ever copies the weights into a free staging buffer, publishes it and returns
 (:meth:`push`); it never touches the network or the store, and wakes no thread. One link thread per worker
 owns that worker's transport. A worker on this host takes the newest publication off the shared-memory board
-by itself, so its link only connects it. For a worker served over a process group, the link looks for a newer
+by itself, so its link only connects it; big weights are published there before the copy and written in
+chunks, so a worker that polls meanwhile copies right behind the trainer. For a worker served over a process
+group, the link looks for a newer
 version (every :data:`LINK_POLL_S`), tells the worker an update is waiting, and only once the worker has
 posted its receive picks the newest staged version and sends it. A busy worker therefore never holds a
 buffer, never delays the trainer or the other workers, and skips every version superseded while it was busy.
@@ -13,7 +15,10 @@ is never written; if both are being read, the push is recorded and taken at the 
 :meth:`close`), so the trainer still does not wait.
 """
 
+import functools
 import logging
+import os
+import platform
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ from fabric_weightsync.weights import (
     named_weights,
     unwrap,
     weights_checksum,
+    weights_offset,
 )
 
 log = logging.getLogger(__name__)
@@ -201,20 +207,25 @@ class WeightSyncScheme:
             # Prefer the older buffer; overwrite the newest one only when a slow send or a worker's copy out of
             # shared memory still reads the older (readers then wait the one copy out, never the trainer).
             for target in (1 - self._latest, self._latest):
-                if self._pins[target] == 0 and self._claim_for_write(target):
-                    break
+                if self._pins[target] == 0:
+                    streamed = self._streams and not self._staging.is_newest(target)
+                    if self._claim_for_write(target, hold=not streamed):
+                        break
             else:
                 self._pending_version = version
                 return False
             self._writing = target
-        self._snapshot(target, version)
+        if streamed:
+            self._stream(target, version)
+        else:
+            self._snapshot(target, version)
         with self._cond:
             self._latest, self._latest_version = target, version
             self._writing = None
             self._pending_version = None
         if self._staging is not None:
             self._staging.end_write(target)
-            if not self.checksum:  # with checksums on, a link publishes it once it is stamped
+            if not self.checksum and not streamed:  # with checksums on, a link publishes it once it is stamped
                 self._staging.publish(target)
         return True
 
@@ -361,9 +372,9 @@ class WeightSyncScheme:
             pause = min(2 * pause, LINK_POLL_S)
         return True
 
-    def _claim_for_write(self, index: int) -> bool:
+    def _claim_for_write(self, index: int, hold: bool) -> bool:
         """Shared-memory staging: ``False`` while a worker's copy from that buffer may be under way."""
-        return self._staging is None or self._staging.claim_for_write(index)
+        return self._staging is None or self._staging.claim_for_write(index, hold)
 
     def _snapshot(self, index: int, version: int) -> None:
         if self._flat is not None:
@@ -373,11 +384,33 @@ class WeightSyncScheme:
                 torch._foreach_copy_(self._targets[index], self._sources)
         self._version_slots[index][0] = version
 
+    def _stream(self, index: int, version: int) -> None:
+        """Publish buffer ``index`` as ``version`` first, then write it chunk by chunk: shared-memory workers that
+        poll meanwhile copy behind the trainer, so their copy overlaps the trainer's instead of following it."""
+        staging = self._staging
+        staging.begin_fill(index)
+        self._version_slots[index][0] = version
+        staging.filled(index, weights_offset())
+        staging.publish(index)
+        self._flat.stage_into(self._buffers[index], functools.partial(staging.filled, index))
+
     def _adopt_sources(self, named: dict[str, torch.Tensor]) -> None:
         self._sources = [named[name] for name, _, _ in self._schema.entries]
         module = unwrap(self._module)
         self._flat = FlatWeights.adopt(module, self._schema, self._sources) if self.flatten_weights else None
         self._layout_probe = self._flat.probe if self._flat is not None else LayoutProbe(module, self._schema, self._sources)
+        # Shared-memory staging of big flat weights is published before it is written (see _stream), unless a
+        # checksum must be stamped on every byte first, or the workers' copies would take the trainer's cores
+        # (then they make the push slower instead of the delivery faster). The fill word must become visible
+        # after the bytes it covers, which x86's total store order guarantees and weaker CPUs do not.
+        self._streams = (
+            _STORES_IN_ORDER
+            and self.channel != "group"
+            and not self.checksum
+            and self._flat is not None
+            and self._flat.streams
+            and len(self.workers) < _available_cores()
+        )
 
     def _check_sources(self) -> None:
         """Detect a module whose parameters were replaced, reshaped or moved since :meth:`start`."""
@@ -389,6 +422,13 @@ class WeightSyncScheme:
             self._adopt_sources(named)
             return
         raise SchemaMismatchError(f"The synced module changed its parameters after the workers connected: {problem}")
+
+
+_STORES_IN_ORDER = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _version_slot(wire: TensorDictBase):

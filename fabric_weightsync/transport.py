@@ -110,10 +110,10 @@ class DistributedTransport:
             transports of several workers (what :class:`~fabric_weightsync.scheme.WeightSyncScheme` does);
             without it the transport creates one buffer of its own when the shared-memory channel is chosen.
         flatten_weights: receiver side, for a ``model`` on the CPU made of plain tensors: move its weights into a
-            wire buffer once (the ``Parameter`` objects stay the same), so that an update received over a process
-            group is applied by swapping storage with the landing buffer instead of copying every byte, and one
-            read from shared memory by a single contiguous copy. The weights' memory then alternates between two
-            buffers; turn it off if something relies on their addresses.
+            wire buffer once (the ``Parameter`` objects stay the same), so that an update, once in the landing
+            buffer (received over a process group, or copied out of shared memory as the sender writes it), is
+            applied by swapping storage with it instead of copying every byte. The weights' memory then
+            alternates between two buffers; turn it off if something relies on their addresses.
     """
 
     def __init__(
@@ -396,7 +396,10 @@ class DistributedTransport:
         return wire
 
     def _receive(self, tag: int, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
-        source = self._data_plane(lambda: self._channel.receive(self._wire, tag), "receiving weights")
+        into_model = weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy)
+        # Landing in our own buffer costs nothing extra when the policy then takes that buffer over (a swap).
+        land = into_model and self._targets.swaps(model, self._wire, self._schema)
+        source = self._data_plane(lambda: self._channel.receive(self._wire, tag, land), "receiving weights")
         version, stamp = read_header(source)
         if stamp and stamp != weights_checksum(source):
             self._channel.release()
@@ -404,7 +407,7 @@ class DistributedTransport:
             raise TransportError(f"Worker rank {self._rank}: update {version} failed its checksum and was not applied")
         if self._aborted:
             raise TransportAborted(f"transport of worker rank {self._rank} was aborted")
-        if weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy):
+        if into_model:
             landing = self._targets.apply(model, source, self._schema, landed_privately=source is self._wire)
             self._wire = landing if landing is not None else self._wire
             received = source[WEIGHTS_KEY]
@@ -453,8 +456,8 @@ class _ModuleTargets:
     """The module's tensors in schema order, re-read only when the module's layout changed.
 
     With ``flatten``, a CPU policy made of plain tensors is moved into a wire buffer of its own once
-    (:class:`~fabric_weightsync.flat.FlatWeights`): an update that landed in the transport's private buffer is then
-    applied by a swap of storage (no copy), one read from shared memory by a single contiguous copy.
+    (:class:`~fabric_weightsync.flat.FlatWeights`): an update that landed in the transport's private buffer (off
+    a process group, or copied out of shared memory) is then applied by a swap of storage, not a copy.
     """
 
     def __init__(self, flatten: bool) -> None:
@@ -465,22 +468,27 @@ class _ModuleTargets:
         self._flat: Optional[FlatWeights] = None
         self._sources: dict[int, tuple[TensorDictBase, list[torch.Tensor]]] = {}
 
+    def swaps(self, model: nn.Module, wire: TensorDictBase, schema: WeightSchema) -> bool:
+        """Whether :meth:`apply` would take over a privately landed buffer like ``wire`` instead of copying it."""
+        self._bind_if_changed(model, wire, schema)
+        return self._flat is not None and wire_storage(wire).device == self._flat.storage.device
+
     def apply(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema, landed_privately: bool) -> Optional[TensorDictBase]:
         """Write ``source``'s weights into ``model``; returns the buffer to land the next update in when it
         took ``source``'s storage instead (``landed_privately``: nothing else reads or writes ``source``)."""
-        if model is not self._model or not self._probe.unchanged():
-            self._bind(model, source, schema)
-        if self._flat is not None and wire_storage(source).device == self._flat.storage.device:
-            if landed_privately:
-                return self._flat.swap(source)
-            self._flat.load_from(source)
-            return None
+        self._bind_if_changed(model, source, schema)
+        if landed_privately and self._flat is not None and wire_storage(source).device == self._flat.storage.device:
+            return self._flat.swap(source)
         cached = self._sources.get(id(source))
         if cached is None or cached[0] is not source:  # landing buffers are few and long-lived: list them once
             cached = self._sources[id(source)] = (source, list(source[WEIGHTS_KEY].values()))
         with torch.no_grad():
             torch._foreach_copy_(self._tensors, cached[1])
         return None
+
+    def _bind_if_changed(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
+        if model is not self._model or not self._probe.unchanged():
+            self._bind(model, source, schema)
 
     def _bind(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
         module = unwrap(model)

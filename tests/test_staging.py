@@ -4,6 +4,7 @@ Real files in /dev/shm, real ``flock`` locks and a real control store on loopbac
 of the same files is an independent reader exactly as a worker process is (flock locks belong to the open file).
 """
 
+import threading
 import time
 from datetime import timedelta
 
@@ -13,10 +14,12 @@ import torch.distributed as dist
 from torch import nn
 
 from fabric_weightsync import SchemaMismatchError, WeightSchema, WeightSyncScheme
-from fabric_weightsync.channels import SharedStaging
+from fabric_weightsync.channels import SharedMemoryChannel, SharedStaging
 from fabric_weightsync.control import ControlPlane
+from fabric_weightsync import flat as flat_module
+from fabric_weightsync import scheme as scheme_module
 from fabric_weightsync.flat import FlatWeights
-from fabric_weightsync.weights import WEIGHTS_KEY, make_wire_buffer, named_weights
+from fabric_weightsync.weights import WEIGHTS_KEY, make_wire_buffer, named_weights, read_header, weights_offset
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -64,7 +67,7 @@ def test_flat_weights_live_in_one_storage_with_the_wire_layout():
     assert flat.probe.unchanged()
 
 
-def test_flat_weights_swap_in_a_landed_buffer_and_load_from_one():
+def test_flat_weights_swap_in_a_landed_buffer():
     """A worker's side: applying a landed wire buffer moves the weights into it; the former home is returned."""
     model = make_model()
     params = list(model.parameters())
@@ -79,10 +82,30 @@ def test_flat_weights_swap_in_a_landed_buffer_and_load_from_one():
     base = flat.storage.untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() == base for t in named_weights(model).values())
     assert_same(state(model), want)
-    again = make_wire_buffer(make_model(seed=2))
-    flat.load_from(again)  # shared memory: copied in, the weights stay where they are
-    assert flat.storage.untyped_storage().data_ptr() == base
-    assert_same(state(model), staged_state(again, schema))
+    with torch.no_grad():
+        home[WEIGHTS_KEY].apply_(lambda t: t.fill_(3))  # the next update lands in the former home
+    assert flat.swap(home) is landed
+    assert all(t.untyped_storage().data_ptr() == home["weights"][name].untyped_storage().data_ptr() for name, t in named_weights(model).items())
+    assert all((t == 3).all() for t in named_weights(model).values())
+
+
+def test_flat_weights_stage_in_chunks_and_report_each(monkeypatch):
+    """A reported staging copy writes the storage front to back and reports every prefix it completed."""
+    monkeypatch.setattr(flat_module, "STREAM_CHUNK_BYTES", 64)
+    model = make_model()
+    schema, tensors = sources(model)
+    flat = FlatWeights.adopt(model, schema, tensors)
+    assert flat.streams, "more than one chunk of host weights"
+    wire = make_wire_buffer(make_model(seed=1))
+    storage, reported = wire._fws_storage, []
+
+    def report(end: int) -> None:  # everything before `end` is already the trainer's, nothing after it yet
+        assert torch.equal(storage[weights_offset() : end], flat.storage[weights_offset() : end])
+        reported.append(end)
+
+    flat.stage_into(wire, report)
+    assert reported == sorted(reported) and reported[-1] == storage.numel() and len(reported) > 1
+    assert_same(staged_state(wire, schema), state(model))
 
 
 def test_flat_weights_still_train():
@@ -186,6 +209,52 @@ def test_push_stages_the_moved_weights_and_follows_them_when_they_move_again(sch
     model[2].weight = nn.Parameter(torch.zeros(4, 5))  # a different shape: workers cannot take it
     with pytest.raises(SchemaMismatchError, match=r"'2.weight'.*\[3, 5\].*\[4, 5\]"):
         scheme.push(3)
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_copies_behind_a_streamed_push(scheme_of, monkeypatch):
+    """Big shared-memory staging is published before it is written: a worker that polls meanwhile copies behind
+    the trainer, chunk by chunk, and lands exactly the pushed weights."""
+    monkeypatch.setattr(flat_module, "STREAM_CHUNK_BYTES", 64)
+    monkeypatch.setattr(scheme_module, "_available_cores", lambda: 8)  # a core for the worker, whatever the host
+    model = make_model()
+    scheme = scheme_of(model, transport="shm")
+    assert scheme._streams, "flat host weights of several chunks on shared memory"
+    staging = scheme._staging
+    report = staging.filled
+
+    def slow_report(index: int, nbytes: int) -> None:  # a slow trainer: the worker must overlap its write
+        report(index, nbytes)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(staging, "filled", slow_report)
+    reader = SharedStaging.open(staging.schema, staging.paths, staging.board_path)
+    channel = SharedMemoryChannel(reader, rank=1, timeout=10.0, aborted=lambda: False)
+    landing = make_wire_buffer(make_model(seed=5))
+    seen = {}
+
+    def worker() -> None:
+        assert channel.take_notice(10.0)
+        _, index, _ = reader.published()
+        seen["fill at start"] = reader.fill_of(index)
+        seen["landed"] = channel.receive(landing, 0, land=True)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    try:
+        assert scheme.push(1)
+        thread.join(10)
+        assert seen["landed"] is landing
+        assert seen["fill at start"] < reader.nbytes, "the worker started while the trainer was still writing"
+        assert read_header(landing)[0] == 1
+        assert_same(staged_state(landing, staging.schema), state(model))
+        assert reader.try_lock(scheme._latest), "the worker let go of the buffer once its copy was done"
+        reader.unlock(scheme._latest)
+    finally:
+        reader.close()
 
 
 @pytest.mark.timeout(30)

@@ -134,11 +134,9 @@ def test_send_weights_and_receive_weights(store, start_peers, tmp_path, channel)
     assert got["kept_identity"], "received weights must land in the policy's own tensor objects"
     assert got["channel"] == EXPECTED_CHANNEL[channel], "the sender chooses the data plane, the receiver follows"
     assert all(len(home) == 1 for home in got["homes"]), "a flattened policy lives in one storage"
-    if got["channel"] == "group":  # applied by swapping storage with the landing buffer: two homes, alternating
-        homes = [home.pop() for home in got["homes"]]
-        assert len(set(homes)) == 2 and all(a != b for a, b in zip(homes, homes[1:])), homes
-    else:  # copied out of shared memory in one go: the policy stays where it was moved to
-        assert len({home.pop() for home in got["homes"]}) == 1
+    # Each update is applied by swapping storage with the landing buffer: two homes, alternating.
+    homes = [home.pop() for home in got["homes"]]
+    assert len(set(homes)) == 2 and all(a != b for a, b in zip(homes, homes[1:])), homes
 
 
 @pytest.mark.timeout(60)
