@@ -392,7 +392,12 @@ class WeightSyncScheme:
         self._version_slots[index][0] = version
         staging.filled(index, weights_offset())
         staging.publish(index)
-        self._flat.stage_into(self._buffers[index], functools.partial(staging.filled, index))
+        try:
+            self._flat.stage_into(self._buffers[index], functools.partial(staging.filled, index))
+        except BaseException:  # a Ctrl-C between chunks: finish what workers may already be copying, then go
+            self._flat.stage_into(self._buffers[index])
+            staging.filled(index, staging.nbytes)
+            raise
 
     def _adopt_sources(self, named: dict[str, torch.Tensor]) -> None:
         self._sources = [named[name] for name, _, _ in self._schema.entries]

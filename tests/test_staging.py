@@ -258,6 +258,36 @@ def test_a_worker_copies_behind_a_streamed_push(scheme_of, monkeypatch):
 
 
 @pytest.mark.timeout(30)
+def test_a_streamed_push_interrupted_between_chunks_still_completes_its_publication(scheme_of, monkeypatch):
+    """Workers may be copying a streamed update already: a KeyboardInterrupt mid-push must not leave it half-written."""
+    monkeypatch.setattr(flat_module, "STREAM_CHUNK_BYTES", 64)
+    monkeypatch.setattr(scheme_module, "_available_cores", lambda: 8)
+    model = make_model()
+    scheme = scheme_of(model, transport="shm")
+    staging = scheme._staging
+    report, calls = staging.filled, []
+
+    def interrupted_report(index: int, nbytes: int) -> None:
+        report(index, nbytes)
+        calls.append(nbytes)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(staging, "filled", interrupted_report)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        scheme.push(1)
+    monkeypatch.setattr(staging, "filled", report)
+    _, index, _ = staging.published()
+    assert staging.fill_of(index) == staging.nbytes, "the published buffer is whole"
+    version, weights = published(scheme)
+    assert version == 1
+    assert_same(weights, state(model))
+
+
+@pytest.mark.timeout(30)
 def test_flatten_weights_false_keeps_the_weights_memory(scheme_of):
     model = make_model()
     addresses = [t.data_ptr() for t in named_weights(model).values()]
