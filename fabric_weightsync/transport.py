@@ -113,7 +113,8 @@ class DistributedTransport:
             wire buffer once (the ``Parameter`` objects stay the same), so that an update, once in the landing
             buffer (received over a process group, or copied out of shared memory as the sender writes it), is
             applied by swapping storage with it instead of copying every byte. The weights' memory then
-            alternates between two buffers; turn it off if something relies on their addresses.
+            alternates between two buffers; turn it off if something relies on their addresses. Off when
+            ``weights_buffer`` is a wire buffer: it stays the landing area the caller can read.
     """
 
     def __init__(
@@ -152,7 +153,10 @@ class DistributedTransport:
         self._closed = False
         self._staging = shared_staging
         self._owns_staging = False
-        self._targets = _ModuleTargets(flatten_weights)
+        # A wire buffer the caller gave us is theirs to read: every update lands there, and the policy never takes
+        # it over.
+        self._lands_always = self._wire is weights_buffer
+        self._targets = _ModuleTargets(flatten_weights and not self._lands_always)
         self._version = 0
 
     # ------------------------------------------------------------------ properties
@@ -398,7 +402,7 @@ class DistributedTransport:
     def _receive(self, tag: int, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
         into_model = weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy)
         # Landing in our own buffer costs nothing extra when the policy then takes that buffer over (a swap).
-        land = into_model and self._targets.swaps(model, self._wire, self._schema)
+        land = self._lands_always or (into_model and self._targets.swaps(model, self._wire, self._schema))
         source = self._data_plane(lambda: self._channel.receive(self._wire, tag, land), "receiving weights")
         version, stamp = read_header(source)
         if stamp and stamp != weights_checksum(source):

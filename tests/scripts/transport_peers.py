@@ -165,3 +165,19 @@ def receive_around_a_reload(index: int, port: int, out_dir: str) -> None:
     assert transport.receive_weights(TIMEOUT, model=policy) is not None
     kept = all(map(operator.is_, tensors, [*policy.parameters(), *policy.buffers()]))
     _save(out_dir, index, seen=[(transport.version, snapshot(policy))], kept_identity=kept, homes=[storages(policy)])
+
+
+def receive_into_a_given_buffer(index: int, port: int, out_dir: str, updates: int) -> None:
+    """TorchRL style: the worker hands the transport its own wire buffer and reads it after each update."""
+    from fabric_weightsync.weights import make_wire_buffer
+
+    policy = make_policy(seed=100 + index)
+    before = storages(policy)
+    buffer = make_wire_buffer(policy)
+    transport = DistributedTransport(weights_buffer=buffer, store=client(port), rank=index + 1, timeout=TIMEOUT)
+    transport.setup_connection_and_weights_on_receiver(worker_idx=index, model=policy)
+    seen = []
+    for _ in range(updates):
+        assert transport.receive_weights(TIMEOUT, model=policy) is not None
+        seen.append((transport.version, {name: t.clone() for name, t in buffer["weights"].items()}))
+    _save(out_dir, index, seen=seen, policy=snapshot(policy), homes=[storages(policy)], before=before, still_ours=transport.wire_buffer is buffer)
