@@ -45,8 +45,17 @@ class FlatWeights:
 
     @classmethod
     def adopt(cls, module: nn.Module, schema: WeightSchema, sources: list[torch.Tensor]) -> Optional["FlatWeights"]:
-        """Move ``sources`` (``module``'s weights in schema order) into one storage; ``None`` if they can't be."""
-        if not sources or not all(map(_is_plain, sources)) or len({t.device for t in sources}) != 1:
+        """Move ``sources`` (``module``'s weights in schema order) into one storage; ``None`` if they can't be.
+
+        Weights that already share one storage in the wire layout (moved by an earlier adoption, e.g. before a
+        worker reconnected) are taken where they are.
+        """
+        if not sources or len({t.device for t in sources}) != 1:
+            return None
+        wire = _wire_holding(schema, sources)
+        if wire is not None:
+            return cls(module, schema, wire, sources)
+        if not all(map(_is_plain, sources)):
             return None
         storage = torch.empty(wire_nbytes(schema), dtype=torch.uint8, device=sources[0].device)
         storage[: weights_offset()].zero_()
@@ -126,6 +135,19 @@ def _trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):  # not glibc: nothing to trim, or no way to ask
         pass
+
+
+def _wire_holding(schema: WeightSchema, sources: list[torch.Tensor]) -> Optional[TensorDictBase]:
+    """The wire buffer laid over the one storage ``sources`` already occupy at their wire places, if they do."""
+    storage = sources[0].untyped_storage()
+    if storage.nbytes() != wire_nbytes(schema) or any(type(t.data) is not torch.Tensor for t in sources):
+        return None
+    wire = wire_views(schema, torch.empty(0, dtype=torch.uint8, device=sources[0].device).set_(storage))
+    placed = all(
+        t.data_ptr() == v.data_ptr() and t.dtype == v.dtype and t.shape == v.shape and t.stride() == v.stride()
+        for t, v in zip(sources, wire[WEIGHTS_KEY].values())
+    )
+    return wire if placed else None
 
 
 def _is_plain(tensor: torch.Tensor) -> bool:

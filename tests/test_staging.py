@@ -108,6 +108,21 @@ def test_flat_weights_stage_in_chunks_and_report_each(monkeypatch):
     assert_same(staged_state(wire, schema), state(model))
 
 
+def test_flat_weights_already_in_a_wire_layout_are_taken_where_they_are():
+    """A second adoption (a worker that reconnects with its flattened policy) moves nothing and still swaps."""
+    model = make_model()
+    schema, tensors = sources(model)
+    first = FlatWeights.adopt(model, schema, tensors)
+    addresses = [t.data_ptr() for t in tensors]
+    again = FlatWeights.adopt(model, schema, tensors)
+    assert again is not None and again.storage.data_ptr() == first.storage.data_ptr()
+    assert [t.data_ptr() for t in tensors] == addresses and again.probe.unchanged()
+    landed = make_wire_buffer(make_model(seed=3))
+    want = staged_state(landed, schema)
+    again.swap(landed)
+    assert_same(state(model), want)
+
+
 def test_flat_weights_still_train():
     """The optimizer and autograd keep working on the moved parameters, and the flat storage sees every step."""
     model = make_model()
