@@ -5,9 +5,8 @@ The trainer thread only ever copies the weights into a free staging buffer, publ
 owns that worker's transport. A worker on this host takes the newest publication off the shared-memory board
 by itself, so its link only connects it; big weights are published there before the copy and written in
 chunks, so a worker that polls meanwhile copies right behind the trainer. For a worker served over a process
-group, the link looks for a newer
-version (every :data:`LINK_POLL_S`), tells the worker an update is waiting, and only once the worker has
-posted its receive picks the newest staged version and sends it. A busy worker therefore never holds a
+group, the link looks for a newer version (every :data:`LINK_POLL_S`), tells the worker an update is waiting,
+and only once the worker has posted its receive picks the newest staged version and sends it. A busy worker therefore never holds a
 buffer, never delays the trainer or the other workers, and skips every version superseded while it was busy.
 
 Memory: two staging buffers (2x the weights) whatever the number of workers. A buffer being read by a send

@@ -103,6 +103,22 @@ def shm_files() -> set:
     return set(glob.glob("/dev/shm/fabric_weightsync-*"))
 
 
+def send_two_updates(store, start_peers, channel: str, peer, *args) -> list:
+    """Connect ``peer`` (``peer(index, port, out_dir, *args)``), send two distinct updates of a policy, close;
+    returns the weights sent: initial, first, second."""
+    model = peers.make_policy(seed=0)
+    transport = sender(store, model, channel=channel)
+    context = start_peers(peer, 1, store.port, *args)
+    transport.setup_connection_and_weights_on_sender()
+    expected = [peers.snapshot(model), perturb(model, 0.5)]
+    transport.send_weights(model)
+    expected.append(perturb(model, 0.25))
+    transport.send_weights(model)
+    finish(context)
+    transport.close()
+    return expected
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("channel", CHANNELS)
 def test_send_weights_and_receive_weights(store, start_peers, tmp_path, channel):
@@ -164,16 +180,7 @@ def test_policy_tensors_replaced_between_updates(store, start_peers, tmp_path, c
 @pytest.mark.parametrize("channel", ["group", "shm"])
 def test_a_wire_buffer_given_by_the_receiver_stays_its_landing_area(store, start_peers, tmp_path, channel):
     """A worker that passes its own wire buffer reads every update there; its policy is updated in place."""
-    model = peers.make_policy(seed=0)
-    transport = sender(store, model, channel=channel)
-    context = start_peers(peers.receive_into_a_given_buffer, 1, store.port, 2)
-    transport.setup_connection_and_weights_on_sender()
-    expected = [perturb(model, 0.5)]
-    transport.send_weights(model)
-    expected.append(perturb(model, 0.25))
-    transport.send_weights(model)
-    finish(context)
-    transport.close()
+    expected = send_two_updates(store, start_peers, channel, peers.receive_into_a_given_buffer, 2)[1:]
     got = results(tmp_path)
     assert got["still_ours"], "the transport kept landing in the caller's buffer"
     for (_, weights), want in zip(got["seen"], expected):
@@ -186,16 +193,7 @@ def test_a_wire_buffer_given_by_the_receiver_stays_its_landing_area(store, start
 @pytest.mark.parametrize("channel", ["group", "shm"])
 def test_receiver_that_does_not_flatten_keeps_the_policy_memory(store, start_peers, tmp_path, channel):
     """``flatten_weights=False``: every update is copied into the policy's tensors where they always were."""
-    model = peers.make_policy(seed=0)
-    transport = sender(store, model, channel=channel)
-    context = start_peers(peers.receive_updates, 1, store.port, 2, False)
-    transport.setup_connection_and_weights_on_sender()
-    expected = [peers.snapshot(model), perturb(model, 0.5)]
-    transport.send_weights(model)
-    expected.append(perturb(model, 0.25))
-    transport.send_weights(model)
-    finish(context)
-    transport.close()
+    expected = send_two_updates(store, start_peers, channel, peers.receive_updates, 2, False)
     got = results(tmp_path)
     for (_, weights), want in zip(got["seen"], expected):
         assert_equal_weights(weights, want)
