@@ -402,8 +402,8 @@ class DistributedTransport:
     def _receive(self, tag: int, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> TensorDictBase:
         into_model = weights is None and model is not None and (strategy is None or type(strategy) is WeightStrategy)
         # Landing in our own buffer costs nothing extra when the policy then takes that buffer over (a swap).
-        land = self._lands_always or (into_model and self._targets.swaps(model, self._wire, self._schema))
-        source = self._data_plane(lambda: self._channel.receive(self._wire, tag, land), "receiving weights")
+        swap = into_model and self._targets.bind(model, self._wire, self._schema)
+        source = self._data_plane(lambda: self._channel.receive(self._wire, tag, swap or self._lands_always), "receiving weights")
         version, stamp = read_header(source)
         if stamp and stamp != weights_checksum(source):
             self._channel.release()
@@ -412,7 +412,7 @@ class DistributedTransport:
         if self._aborted:
             raise TransportAborted(f"transport of worker rank {self._rank} was aborted")
         if into_model:
-            landing = self._targets.apply(model, source, self._schema, landed_privately=source is self._wire)
+            landing = self._targets.apply(source, swap)
             self._wire = landing if landing is not None else self._wire
             received = source[WEIGHTS_KEY]
         else:
@@ -472,16 +472,17 @@ class _ModuleTargets:
         self._flat: Optional[FlatWeights] = None
         self._sources: dict[int, tuple[TensorDictBase, list[torch.Tensor]]] = {}
 
-    def swaps(self, model: nn.Module, wire: TensorDictBase, schema: WeightSchema) -> bool:
-        """Whether :meth:`apply` would take over a privately landed buffer like ``wire`` instead of copying it."""
-        self._bind_if_changed(model, wire, schema)
+    def bind(self, model: nn.Module, wire: TensorDictBase, schema: WeightSchema) -> bool:
+        """Follow ``model``'s current layout; returns whether an update that landed in a private buffer like
+        ``wire`` is applied by taking that buffer over (a swap) rather than by a copy."""
+        if model is not self._model or not self._probe.unchanged():
+            self._bind(model, wire, schema)
         return self._flat is not None and wire_storage(wire).device == self._flat.storage.device
 
-    def apply(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema, landed_privately: bool) -> Optional[TensorDictBase]:
-        """Write ``source``'s weights into ``model``; returns the buffer to land the next update in when it
-        took ``source``'s storage instead (``landed_privately``: nothing else reads or writes ``source``)."""
-        self._bind_if_changed(model, source, schema)
-        if landed_privately and self._flat is not None and wire_storage(source).device == self._flat.storage.device:
+    def apply(self, source: TensorDictBase, swap: bool) -> Optional[TensorDictBase]:
+        """Write ``source``'s weights into the model last bound; with ``swap`` (``source`` landed privately), take
+        its storage over and return the former one, the buffer to land the next update in."""
+        if swap:
             return self._flat.swap(source)
         cached = self._sources.get(id(source))
         if cached is None or cached[0] is not source:  # landing buffers are few and long-lived: list them once
@@ -489,10 +490,6 @@ class _ModuleTargets:
         with torch.no_grad():
             torch._foreach_copy_(self._tensors, cached[1])
         return None
-
-    def _bind_if_changed(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
-        if model is not self._model or not self._probe.unchanged():
-            self._bind(model, source, schema)
 
     def _bind(self, model: nn.Module, source: TensorDictBase, schema: WeightSchema) -> None:
         module = unwrap(model)

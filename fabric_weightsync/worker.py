@@ -141,9 +141,9 @@ class WorkerContext:
         """Join this worker's transport and receive the initial weights: the policy then equals the trainer's.
 
         With ``flatten_weights`` (the default), a CPU policy's weights move once into one storage (the
-        ``Parameter`` objects stay the same): an update over a process group is then applied by swapping that
-        storage with the landing buffer, and one over shared memory by one contiguous copy. Turn it off if
-        something on the worker relies on the weights' addresses.
+        ``Parameter`` objects stay the same): an update, once in the landing buffer (received over a process
+        group or copied out of shared memory), is then applied by swapping storage with it instead of a copy.
+        Turn it off if something on the worker relies on the weights' addresses.
 
         Raises :class:`~fabric_weightsync.weights.SchemaMismatchError` naming the differing keys when the
         policy's names, shapes or dtypes differ from the trainer's module.
