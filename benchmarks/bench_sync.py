@@ -315,6 +315,12 @@ def timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def report(reports: mp.Queue, sig: "Signals", case: Case, rank: int, version: int, applied: float, policy: nn.Module) -> None:
+    """A worker's report of an applied version, with its policy's checksum, computed once the clock stopped."""
+    sig.measured.wait(case.timeout_s)
+    reports.put((rank, version, applied, checksum(policy)))
+
+
 def collect_reports(reports: mp.Queue, workers: int, version: int, expected: dict[int, int], checks: dict, timeout: float) -> dict[int, float]:
     """Wait until every worker reported ``version`` (or newer); verify every checksum seen; applied times by rank."""
     applied: dict[int, float] = {}
@@ -374,12 +380,14 @@ def ours_trainer(case: Case, reports, sig: "Signals") -> dict:
             mutate(model)
             expected[version] = checksum(model)
             copy_s = timed_copy(dst, src)
+            sig.measured.clear()
             t0 = time.monotonic()
             scheme.push(version)
             t1 = time.monotonic()
             if not scheme.flush(case.timeout_s):
                 raise RuntimeError(f"version {version} did not reach every worker in {case.timeout_s}s")
             t2 = time.monotonic()
+            sig.measured.set()
             applied = collect_reports(reports, case.workers, version, expected, checks, case.timeout_s)
             peak = max(peak, rss())
             if step >= case.warmup:
@@ -476,8 +484,7 @@ def ours_worker(case: Case, rank: int, reports, sig: "Signals") -> dict:
             rollout.clear()
             time.sleep(case.rollout_s)
         if receiver.poll():
-            applied = time.monotonic()
-            reports.put((rank, receiver.version, applied, checksum(policy)))
+            report(reports, sig, case, rank, receiver.version, time.monotonic(), policy)
         elif case.poll_interval_s > 0:
             time.sleep(case.poll_interval_s)
     out: dict[str, Any] = {"worker_extra": uss() - uss0}
@@ -575,9 +582,11 @@ def torchrl_trainer(case: Case, reports, sig: "Signals") -> dict:
             version += 1
             mutate(model)
             expected[version] = checksum(model)
+            sig.measured.clear()
             t0 = time.monotonic()
             send()
             t1 = time.monotonic()
+            sig.measured.set()
             applied = collect_reports(reports, case.workers, version, expected, checks, case.timeout_s)
             if step >= case.warmup:
                 out["stall"].append(t1 - t0)
@@ -634,7 +643,7 @@ def torchrl_worker(case: Case, rank: int, reports, sig: "Signals") -> dict:
         applied = time.monotonic()
         store.set(f"NODE_{rank + 1}_out", b"updated")  # _send_ack, after the weights were applied
         version += 1
-        reports.put((rank, version, applied, checksum(policy)))
+        report(reports, sig, case, rank, version, applied, policy)
     return {"worker_extra": uss() - uss0}
 
 
@@ -649,6 +658,9 @@ class Signals:
     stop: Any
     workers_done: Any
     rollouts: list
+    measured: Any
+    """Set while no sync is being timed: workers compute their checksum only then, because on a shared machine
+    one worker's pass over the weights would take a core from the transfers still under way to the others."""
 
     def finish(self, linger: float = 30.0) -> None:
         """Tell the workers to stop, then keep this trainer (and the stores it hosts) up until they returned."""
@@ -675,7 +687,8 @@ def run_case(ctx, case_args: dict) -> tuple[dict, list[dict]]:
     boot = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # what the launcher's store is in real runs
     case = Case(boot_port=boot.port, **case_args)
     results, reports = ctx.Queue(), ctx.Queue()
-    sig = Signals(ctx.Event(), ctx.Event(), [ctx.Event() for _ in range(max(case.workers, 1))])
+    sig = Signals(ctx.Event(), ctx.Event(), [ctx.Event() for _ in range(max(case.workers, 1))], ctx.Event())
+    sig.measured.set()
     procs = [ctx.Process(target=child, args=(TRAINERS[case.path], results, "trainer", case, reports, sig))]
     if case.path in WORKERS:
         procs += [
