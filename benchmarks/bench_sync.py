@@ -27,6 +27,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import datetime
 import faulthandler
@@ -41,7 +42,7 @@ import traceback
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import psutil
 
@@ -380,14 +381,13 @@ def ours_trainer(case: Case, reports, sig: "Signals") -> dict:
             mutate(model)
             expected[version] = checksum(model)
             copy_s = timed_copy(dst, src)
-            sig.measured.clear()
-            t0 = time.monotonic()
-            scheme.push(version)
-            t1 = time.monotonic()
-            if not scheme.flush(case.timeout_s):
-                raise RuntimeError(f"version {version} did not reach every worker in {case.timeout_s}s")
-            t2 = time.monotonic()
-            sig.measured.set()
+            with sig.timed():
+                t0 = time.monotonic()
+                scheme.push(version)
+                t1 = time.monotonic()
+                if not scheme.flush(case.timeout_s):
+                    raise RuntimeError(f"version {version} did not reach every worker in {case.timeout_s}s")
+                t2 = time.monotonic()
             applied = collect_reports(reports, case.workers, version, expected, checks, case.timeout_s)
             peak = max(peak, rss())
             if step >= case.warmup:
@@ -582,11 +582,10 @@ def torchrl_trainer(case: Case, reports, sig: "Signals") -> dict:
             version += 1
             mutate(model)
             expected[version] = checksum(model)
-            sig.measured.clear()
-            t0 = time.monotonic()
-            send()
-            t1 = time.monotonic()
-            sig.measured.set()
+            with sig.timed():
+                t0 = time.monotonic()
+                send()
+                t1 = time.monotonic()
             applied = collect_reports(reports, case.workers, version, expected, checks, case.timeout_s)
             if step >= case.warmup:
                 out["stall"].append(t1 - t0)
@@ -661,6 +660,15 @@ class Signals:
     measured: Any
     """Set while no sync is being timed: workers compute their checksum only then, because on a shared machine
     one worker's pass over the weights would take a core from the transfers still under way to the others."""
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """The clock runs: workers hold their checksums until the block ends."""
+        self.measured.clear()
+        try:
+            yield
+        finally:
+            self.measured.set()
 
     def finish(self, linger: float = 30.0) -> None:
         """Tell the workers to stop, then keep this trainer (and the stores it hosts) up until they returned."""
