@@ -477,7 +477,7 @@ def ours_worker(case: Case, rank: int, reports, sig: "Signals") -> dict:
         instrument(getattr(fws_channels, "SharedMemoryChannel", None), ["receive"], sink, "worker.SharedMemoryChannel")
         instrument(fws_transport, ["_copy_into_module"], sink, "worker")
     receiver = ctx.connect(policy)
-    reports.put((rank, receiver.version, time.monotonic(), checksum(policy)))
+    report(reports, sig, case, rank, receiver.version, time.monotonic(), policy)
     rollout = sig.rollouts[rank]
     while not sig.stop.is_set():
         if rollout.is_set():
@@ -626,7 +626,7 @@ def torchrl_worker(case: Case, rank: int, reports, sig: "Signals") -> dict:
     strategy = Strategy()
     transport = Transport(weights_buffer=make_buffer(policy), store=store, rank=rank + 1, sync=True)
     strategy.apply_weights(policy, transport.receive_initial_weights(), inplace=False)
-    reports.put((rank, 0, time.monotonic(), checksum(policy)))
+    report(reports, sig, case, rank, 0, time.monotonic(), policy)
     version = 0
     key = f"NODE_{rank + 1}_in"
     rollout = sig.rollouts[rank]
