@@ -149,6 +149,7 @@ class DistributedTransport:
         self._channel: Union[GroupChannel, SharedMemoryChannel] = self._group_channel
         self._ack_pending = False
         self._ack: Optional[bytes] = None
+        self._ack_key_read = False
         self._aborted = False
         self._closed = False
         self._staging = shared_staging
@@ -209,6 +210,7 @@ class DistributedTransport:
     def instruct(self) -> None:
         """Set the worker's instruction key: an update is waiting for it."""
         self._store.set(self._key("in"), _INSTRUCTION)
+        self._drop_read_ack()  # while the worker notices the instruction: it cannot ack before it is ready
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
         """Block until the worker is ready to receive (or :meth:`abort` is called from another thread)."""
@@ -241,7 +243,7 @@ class DistributedTransport:
         status = self._ack  # the shared-memory channel's ack came with the end of the send
         if status is None:
             status = self._wait_key("out", timeout, "for the worker's ack")
-            self._store.delete_key(self._key("out"))
+            self._ack_key_read = True  # deleted by the next instruct(), off the path of this ack
         if self._aborted:
             raise TransportAborted(f"transport to worker rank {self._rank} was aborted")
         if status != _ACK:
@@ -250,6 +252,7 @@ class DistributedTransport:
     def send_initial_weights(self, weights: Any) -> None:
         """Send the first weights without an instruction (the worker is blocked in its connect)."""
         wire = self._stage(weights, read_header(weights)[0] if is_wire_buffer(weights) else 0)
+        self._drop_read_ack()
         self._data_plane(lambda: self._channel.post(wire, _INITIAL_TAG), "sending the initial weights")
         self._ack_pending, self._ack = True, None
         self.wait_ack()  # the worker acks its initial weights too: the connection is then confirmed end to end
@@ -380,6 +383,16 @@ class DistributedTransport:
             self._staging, self._owns_staging = None, False
 
     # ------------------------------------------------------------------ helpers
+    def _drop_read_ack(self) -> None:
+        """Delete the ack key read last, before the worker can set it again for the next update.
+
+        :meth:`wait_ack` leaves it in place, so that a store round trip does not stand between the worker's ack
+        and the caller learning of it; every send that waits for an ack drops it first.
+        """
+        if self._ack_key_read:
+            self._store.delete_key(self._key("out"))
+            self._ack_key_read = False
+
     def _key(self, name: str) -> str:
         return f"NODE_{self._rank}_{name}"
 
