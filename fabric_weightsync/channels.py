@@ -161,6 +161,9 @@ class SharedMemoryChannel:
             self._wait(lambda: self.staging.fill_of(index) == self.staging.nbytes, "for the sender to finish writing the update")
             return staged
         source, destination, done = wire_storage(staged), wire_storage(wire), 0
+        if self.staging.fill_of(index) == self.staging.nbytes:  # written already (the usual case): one copy, no slicing
+            destination.copy_(source)
+            done = self.staging.nbytes
         while done < self.staging.nbytes:
             self._wait(lambda: self.staging.fill_of(index) > done, "for the sender to finish writing the update")
             ready = self.staging.fill_of(index)
@@ -191,9 +194,10 @@ class SharedMemoryChannel:
 
     def _wait(self, ready: Callable[[], bool], what: Optional[str], timeout: Optional[float] = None) -> bool:
         """Poll ``ready`` (a memory read) with a growing pause; on time out ``False``, or with ``what`` an error."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        pause = 0.00005
+        deadline, pause = None, 0.00005
         while not ready():
+            if deadline is None:  # read the clock only when the first look failed: most calls succeed at once
+                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             if self._aborted():
                 raise ChannelError("the transport was aborted")
             if time.monotonic() >= deadline:

@@ -16,7 +16,7 @@ and all on one device. Anything else (a view of another tensor, a channels-last 
 """
 
 import ctypes
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from tensordict import TensorDictBase
@@ -34,7 +34,7 @@ class FlatWeights:
         self._sources = sources
         self._span = slice(weights_offset(), wire_storage(wire).numel())
         self._weights_bytes = wire_storage(wire)[self._span]
-        self._slices: dict[int, tuple[TensorDictBase, torch.Tensor]] = {}
+        self._layouts: dict[int, _Layout] = {}
         self._chunk_lists: dict[int, tuple[TensorDictBase, list[tuple[torch.Tensor, torch.Tensor, int]]]] = {}
         self.probe = LayoutProbe(module, schema, sources, pin_addresses=True)
         """Whether every weight still is the same tensor at its place in :attr:`wire` (a few us per push)."""
@@ -92,10 +92,10 @@ class FlatWeights:
         No byte is copied, and the tensors stay the same objects. Nothing may hold the former wire's memory
         for the weights' sake afterwards: it is free to be written, typically by the next update.
         """
-        list(map(_set_data, self._sources, landed[WEIGHTS_KEY].values()))
-        former, self.wire = self.wire, landed
-        self._weights_bytes = self._weights_of(landed)
-        self.probe.addresses = list(map(torch.Tensor.data_ptr, self._sources))
+        layout = self._layout_of(landed)
+        list(map(_set_data, self._sources, layout.views))
+        former, self.wire, self._weights_bytes = self.wire, landed, layout.weights_bytes
+        self.probe.addresses = layout.addresses
         return former
 
     def _chunks_of(self, wire: TensorDictBase) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -111,11 +111,26 @@ class FlatWeights:
         return cached[1]
 
     def _weights_of(self, wire: TensorDictBase) -> torch.Tensor:
-        """The weights' byte range of ``wire`` (buffers are few and long-lived: sliced once each)."""
-        cached = self._slices.get(id(wire))
-        if cached is None or cached[0] is not wire:
-            cached = self._slices[id(wire)] = (wire, wire_storage(wire)[self._span])
-        return cached[1]
+        return self._layout_of(wire).weights_bytes
+
+    def _layout_of(self, wire: TensorDictBase) -> "_Layout":
+        """What a push or a swap needs of ``wire``, read once per buffer (buffers are few and long-lived): tensor
+        indexing and ``data_ptr`` calls cost a few us per push otherwise."""
+        cached = self._layouts.get(id(wire))
+        if cached is None or cached.wire is not wire:
+            views = list(wire[WEIGHTS_KEY].values())
+            cached = _Layout(wire, wire_storage(wire)[self._span], views, list(map(torch.Tensor.data_ptr, views)))
+            self._layouts[id(wire)] = cached
+        return cached
+
+
+class _Layout(NamedTuple):
+    wire: TensorDictBase
+    weights_bytes: torch.Tensor
+    """The weights' byte range of the wire's storage (its header excluded)."""
+    views: list[torch.Tensor]
+    """The weights' views in schema order."""
+    addresses: list[int]
 
 
 _set_data = torch.Tensor.data.__set__

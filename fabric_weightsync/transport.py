@@ -490,7 +490,7 @@ class _ModuleTargets:
         ``wire`` is applied by taking that buffer over (a swap) rather than by a copy."""
         if model is not self._model or not self._probe.unchanged():
             self._bind(model, wire, schema)
-        return self._flat is not None and wire_storage(wire).device == self._flat.storage.device
+        return self._flat is not None and wire_storage(wire).is_cpu  # flat weights are host weights
 
     def apply(self, source: TensorDictBase, swap: bool) -> Optional[TensorDictBase]:
         """Write ``source``'s weights into the model last bound; with ``swap`` (``source`` landed privately), take
