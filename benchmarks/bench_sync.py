@@ -138,7 +138,7 @@ MODELS = {
     "many": [(353, 353)] * 200,
     "large": [(7071, 7071)] * 5,
 }
-PROFILED = [("small", 1, "ours-gloo"), ("many", 1, "ours-gloo"), ("many", 4, "ours-gloo"), ("medium", 1, "ours-shm")]
+PROFILED = [("small", 1, "ours-gloo"), ("small", 4, "ours-gloo"), ("many", 1, "ours-gloo"), ("many", 4, "ours-gloo"), ("medium", 1, "ours-shm")]
 
 
 def build_model(name: str, seed: Optional[int] = None) -> nn.Module:
