@@ -152,7 +152,11 @@ class WeightSyncScheme:
         self._latest_version = -1
         self._pending_version: Optional[int] = None
         self._writing: Optional[int] = None
-        self._cond = threading.Condition()
+        state_lock = threading.RLock()
+        self._cond = threading.Condition(state_lock)
+        # Links sleep on a condition of their own over the same lock: a worker's ack, which wakes flush(), would
+        # otherwise wake every other waiting link for nothing.
+        self._links_wake = threading.Condition(state_lock)
         self._waiting_links = 0
         self._doorbell: Optional[_Doorbell] = None
         self._closing = False
@@ -192,7 +196,7 @@ class WeightSyncScheme:
             self._latest, self._latest_version = 0, version
         self._monitor = _HeartbeatMonitor(self)
         self._monitor.start()
-        self._doorbell = _Doorbell(self._cond)
+        self._doorbell = _Doorbell(self._links_wake)
         self._doorbell.start()
         self._links = [_WorkerLink(self, status) for status in self.workers]
         for link in self._links:
@@ -272,6 +276,7 @@ class WeightSyncScheme:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            self._links_wake.notify_all()
         if self._doorbell is not None:
             self._doorbell.stop()
         for link in self._links:
@@ -296,7 +301,7 @@ class WeightSyncScheme:
     def wait_while_served(self, status: WorkerStatus) -> None:
         """Until training closes or ``status``'s worker fails (both notify: no polling)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closing or not status.alive)
+            self._links_wake.wait_for(lambda: self._closing or not status.alive)
 
     def publish_latest(self) -> int:
         """Stamp (checksums on) and publish the newest staged buffer to shared-memory workers; its version."""
@@ -358,6 +363,7 @@ class WeightSyncScheme:
             # this failure must not abort (its worker would then be served by nobody).
             failed = link.transport if link is not None else None
             self._cond.notify_all()
+            self._links_wake.notify_all()
         log.warning("fabric_weightsync: inference worker %d %s: %s", worker_id, "failed" if error else "left", reason)
         if link is not None:
             link.abort(failed)
@@ -376,7 +382,7 @@ class WeightSyncScheme:
         each of them notifies (a push through the doorbell, which it rings only while someone waits here)."""
         self._waiting_links += 1
         try:
-            self._cond.wait_for(predicate)
+            self._links_wake.wait_for(predicate)
         finally:
             self._waiting_links -= 1
 
