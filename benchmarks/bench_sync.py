@@ -365,7 +365,7 @@ def ours_trainer(case: Case, reports, sig: "Signals") -> dict:
     sink: dict[str, list[float]] = defaultdict(list)
     if case.profile:
         instrument(WeightSyncScheme, ["push", "raise_if_failed", "_check_sources", "_snapshot"], sink, "trainer")
-        instrument(DistributedTransport, ["instruct", "wait_ready", "post_send", "wait_sent", "wait_ack"], sink, "link")
+        instrument(DistributedTransport, ["instruct", "wait_ready", "post_send", "wait_sent", "wait_ack", "drop_read_ack"], sink, "link")
     out: dict[str, Any] = defaultdict(list)
     version = 0
     try:
@@ -472,8 +472,8 @@ def ours_worker(case: Case, rank: int, reports, sig: "Signals") -> dict:
     )
     sink: dict[str, list[float]] = defaultdict(list)
     if case.profile:
-        instrument(DistributedTransport, ["receive_weights", "take_instruction", "_receive", "_wait_work", "_deliver"], sink, "worker")
-        instrument(getattr(fws_channels, "GroupChannel", None), ["receive"], sink, "worker.GroupChannel")
+        instrument(DistributedTransport, ["receive_weights", "take_instruction", "_receive_armed", "_superseded", "_receive", "_deliver"], sink, "worker")
+        instrument(getattr(fws_channels, "GroupChannel", None), ["receive", "arm"], sink, "worker.GroupChannel")
         instrument(getattr(fws_channels, "SharedMemoryChannel", None), ["receive"], sink, "worker.SharedMemoryChannel")
         instrument(fws_transport, ["_copy_into_module"], sink, "worker")
     receiver = ctx.connect(policy)

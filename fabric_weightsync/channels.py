@@ -1,7 +1,9 @@
 """Data planes of a transport: how the bytes of one update get from the sender's wire buffer to the worker.
 
 - :class:`GroupChannel`: one ``send`` of the wire buffer's single storage on a standalone two-rank process
-  group (gloo, or nccl for CUDA tensors on distinct GPUs). Works across hosts.
+  group (gloo, or nccl for CUDA tensors on distinct GPUs). Works across hosts. A worker may *arm* it: post
+  the receive of the next update ahead of time, so that gloo lands it in the background and a poll is a
+  memory read.
 - :class:`SharedMemoryChannel`: the sender's staging buffers are files in ``/dev/shm`` and a board in a third
   file says which one holds the newest version; the worker copies from it straight into its policy under a
   shared file lock and writes its ack on the board. One memcpy per worker, no network stack and no store
@@ -15,12 +17,13 @@ import contextlib
 import fcntl
 import functools
 import os
+import random
 import socket
 import threading
 import time
 import uuid
 from datetime import timedelta
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -51,18 +54,60 @@ def await_key(store: dist.Store, key: str, what: str, timeout: Optional[float] =
         raise StoreTimeout(f"Timed out waiting {what} (store key {key!r}): {err}") from err
 
 
+def poll_until(ready: Callable[[], bool], timeout: float, aborted: Callable[[], bool]) -> bool:
+    """Poll ``ready`` (a memory read) with a growing pause until it holds (``True``) or ``timeout`` passes."""
+    deadline, pause = None, 0.00005
+    while not ready():
+        if deadline is None:  # read the clock only when the first look failed: most calls succeed at once
+            deadline = time.monotonic() + timeout
+        if aborted():
+            raise ChannelError("the transport was aborted")
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.001)
+    return True
+
+
+class _ArmedReceive(NamedTuple):
+    work: dist.Work
+    wire: TensorDictBase
+    last_word: memoryview
+    mark: int
+
+
 class GroupChannel:
-    """Sends the wire storage as one message on a two-rank group (sender rank 0, worker rank 1)."""
+    """Sends the wire storage as one message on a two-rank group (sender rank 0, worker rank 1).
+
+    The worker either posts its receive when told an update waits (and the sender sends once it is posted), or
+    *arms* the channel (:meth:`arm`, host memory only): the receive of the next update is posted right after the
+    previous one was applied, gloo's own thread lands the bytes whenever the sender sends, and :meth:`landed`
+    is a read of the buffer's last word. A gloo receive cannot be asked whether it finished without waiting
+    on it (a wait that times out breaks the whole group), so the worker fills that word with a random mark
+    before posting, and the update's own bytes overwrite it last: gloo's TCP pairs write a message in order. The
+    work's wait still confirms every byte arrived before the update is taken (:meth:`receive`).
+    """
 
     name = "group"
 
-    def __init__(self, store: dist.Store, group_name: str, backend: str, timeout: float, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        group_name: str,
+        backend: str,
+        timeout: float,
+        group: Optional[dist.ProcessGroup] = None,
+        aborted: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.store = store
         self.group_name = group_name
         self.backend = backend
         self.timeout = timeout
         self.group = group
+        self._aborted = aborted
         self._pending: Optional[dist.Work] = None
+        self._armed: Optional[_ArmedReceive] = None
+        self._last_words: dict[int, memoryview] = {}
 
     def connect(self, group_rank: int) -> None:
         if self.group is None:
@@ -85,9 +130,41 @@ class GroupChannel:
         pass
 
     def receive(self, wire: TensorDictBase, tag: int, land: bool = True) -> TensorDictBase:
-        """Receive into ``wire`` (a process group always lands the update there)."""
-        self._wait(self._group().recv([wire_storage(wire)], 0, tag), "receiving")
+        """Receive into ``wire`` (a process group always lands the update there); armed, take what landed."""
+        if self._armed is None:
+            self._wait(self._group().recv([wire_storage(wire)], 0, tag), "receiving")
+            return wire
+        armed, self._armed = self._armed, None
+        if armed.wire is not wire:
+            raise ChannelError("the update was armed to land in another buffer")
+        self._wait(armed.work, "receiving")
         return wire
+
+    # ------------------------------------------------------------------ armed receiver
+    @property
+    def armed(self) -> bool:
+        return self._armed is not None
+
+    def arm(self, wire: TensorDictBase, tag: int) -> None:
+        """Post the receive of the next update into ``wire`` (host memory) now, ahead of any notice of it."""
+        storage = wire_storage(wire)
+        last_word = self._last_words.get(storage.data_ptr())
+        if last_word is None:  # the landing buffers alternate between two storages: map each one once
+            last_word = self._last_words[storage.data_ptr()] = memoryview(storage[-8:].view(torch.int64).numpy())
+        mark = random.getrandbits(63)  # an update whose last word equals it would go unnoticed: 1 in 2**63
+        last_word[0] = mark
+        self._armed = _ArmedReceive(self._group().recv([storage], 0, tag), wire, last_word, mark)
+
+    def landed(self) -> bool:
+        """Whether the armed update's bytes have all arrived (a memory read; :meth:`receive` confirms it)."""
+        return self._armed.last_word[0] != self._armed.mark
+
+    def wait_landed(self, timeout: float) -> bool:
+        return poll_until(self.landed, timeout, self._aborted)
+
+    def close(self) -> None:
+        """Drop the group; an armed receive goes with it (its buffer stays referenced by the work until then)."""
+        self.group, self._armed = None, None
 
     def _group(self) -> dist.ProcessGroup:
         if self.group is None:
@@ -193,20 +270,12 @@ class SharedMemoryChannel:
         return True
 
     def _wait(self, ready: Callable[[], bool], what: Optional[str], timeout: Optional[float] = None) -> bool:
-        """Poll ``ready`` (a memory read) with a growing pause; on time out ``False``, or with ``what`` an error."""
-        deadline, pause = None, 0.00005
-        while not ready():
-            if deadline is None:  # read the clock only when the first look failed: most calls succeed at once
-                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            if self._aborted():
-                raise ChannelError("the transport was aborted")
-            if time.monotonic() >= deadline:
-                if what is None:
-                    return False
-                raise ChannelError(f"Timed out waiting {what} (worker rank {self.rank}, board {self.staging.board_path})")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.001)
-        return True
+        """Poll ``ready`` (a memory read); on time out ``False``, or with ``what`` an error."""
+        if poll_until(ready, self.timeout if timeout is None else timeout, self._aborted):
+            return True
+        if what is None:
+            return False
+        raise ChannelError(f"Timed out waiting {what} (worker rank {self.rank}, board {self.staging.board_path})")
 
 
 REFUSED = -2

@@ -6,7 +6,7 @@ interface of ``MASTER_ADDR`` (loopback on a single host), and publishes ``host:p
 (the trainers' rendezvous store, or torchrun's agent store). Workers read it from there.
 
 What the store holds: instruction/ack/ready/schema keys per worker (see :mod:`~fabric_weightsync.transport`),
-heartbeat counters, the stop flag and error reports. No weights and nothing pickled go through it, but anyone
+heartbeat counters, the newest version staged, the stop flag and error reports. No weights and nothing pickled go through it, but anyone
 who can reach the port can read and write those keys: run multi-host jobs on a trusted network.
 """
 
@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 BOOTSTRAP_KEY = "fabric_weightsync/control"
 STOP_KEY = "fws/stop"
+LATEST_KEY = "fws/latest"
+"""The newest version training rank 0 has staged (an integer), kept while workers are served over a process group."""
 
 
 def heartbeat_key(rank: int) -> str:

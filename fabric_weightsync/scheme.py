@@ -5,10 +5,12 @@ a link waits for a newer version, and returns (:meth:`push`); it never touches t
 link thread per worker owns that worker's transport. A worker on this host takes the newest publication off the
 shared-memory board by itself, so its link only connects it; big weights are published there before the copy
 and written in chunks, so a worker that polls meanwhile copies right behind the trainer. For a worker served
-over a process group, the link sleeps until a push rings, tells the worker an update is waiting, and only once
-the worker has posted its receive picks the newest staged version and sends it. A busy worker therefore never
-holds a buffer, never delays the trainer or the other workers, and skips every version superseded while it was
-busy.
+over a process group, the link sleeps until a push rings, and sends the newest staged version once the worker
+has posted its receive: at once to a worker that armed it after its last update (it lands while the worker runs),
+after an instruction and the worker's ready key otherwise. The doorbell also keeps the newest version in the
+store (:data:`~fabric_weightsync.control.LATEST_KEY`), so that a worker that was busy while an update landed
+drops it if it was superseded meanwhile. A busy worker therefore never holds a buffer, never delays the trainer
+or the other workers, and skips every version superseded while it was busy.
 
 Memory: two staging buffers (2x the weights) whatever the number of workers. A buffer being read by a send
 is never written; if both are being read, the push is recorded and taken at the next step (or at
@@ -30,7 +32,7 @@ from torch import nn
 
 from fabric_weightsync.channels import SharedMemoryChannel, SharedStaging
 from fabric_weightsync.flat import FlatWeights
-from fabric_weightsync.control import ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
+from fabric_weightsync.control import LATEST_KEY, ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
 from fabric_weightsync.transport import DistributedTransport, TransportAborted, TransportError, TransportTimeout
 from fabric_weightsync.weights import (
     CHECKSUM_KEY,
@@ -158,6 +160,7 @@ class WeightSyncScheme:
         # otherwise wake every other waiting link for nothing.
         self._links_wake = threading.Condition(state_lock)
         self._waiting_links = 0
+        self._group_workers = 0  # connected over a process group: each push must reach LATEST_KEY for them
         self._doorbell: Optional[_Doorbell] = None
         self._closing = False
         self._links: list[_WorkerLink] = []
@@ -196,7 +199,8 @@ class WeightSyncScheme:
             self._latest, self._latest_version = 0, version
         self._monitor = _HeartbeatMonitor(self)
         self._monitor.start()
-        self._doorbell = _Doorbell(self._links_wake)
+        self._latest_store = self.control.client()
+        self._doorbell = _Doorbell(self._links_wake, self._publish_latest_version)
         self._doorbell.start()
         self._links = [_WorkerLink(self, status) for status in self.workers]
         for link in self._links:
@@ -232,7 +236,7 @@ class WeightSyncScheme:
             self._latest, self._latest_version = target, version
             self._writing = None
             self._pending_version = None
-            wake = self._waiting_links > 0
+            wake = self._waiting_links > 0 or self._group_workers > 0
         if wake:
             self._doorbell.ring()
         if self._staging is not None:
@@ -330,6 +334,11 @@ class WeightSyncScheme:
         with self._cond:
             self._pins[index] -= 1
 
+    def serving_over_group(self, joined: bool) -> None:
+        """A link starts (``True``) or stops serving its worker over a process group."""
+        with self._cond:
+            self._group_workers += 1 if joined else -1
+
     def delivered(self, status: WorkerStatus, version: int) -> None:
         with self._cond:
             status.acked_version = version
@@ -377,6 +386,11 @@ class WeightSyncScheme:
         return self._closing
 
     # ------------------------------------------------------------------ helpers
+    def _publish_latest_version(self) -> None:
+        """The doorbell's second duty: the newest version staged, where workers served over a group can ask."""
+        if self._group_workers > 0:
+            self._latest_store.set(LATEST_KEY, str(self._latest_version).encode())
+
     def _await_push(self, predicate: Callable[[], bool]) -> None:
         """Sleep (holding ``_cond``) until ``predicate()``, which only a push, a failure or close can make true:
         each of them notifies (a push through the doorbell, which it rings only while someone waits here)."""
@@ -507,6 +521,7 @@ class _WorkerLink(threading.Thread):
                 channel=self.scheme.channel,
                 timeout=self.scheme.timeout,
                 group_name=f"fws/pg/{self.status.rank}/{epoch}",
+                latest_key=LATEST_KEY,
             )
             try:
                 self._serve(transport)
@@ -534,8 +549,12 @@ class _WorkerLink(threading.Thread):
         if transport.channel == SharedMemoryChannel.name:
             self._serve_shared()
             return
-        while self.scheme.wait_for_newer(self.status, self.status.delivered_version):
-            self._deliver(transport)
+        self.scheme.serving_over_group(True)
+        try:
+            while self.scheme.wait_for_newer(self.status, self.status.delivered_version):
+                self._deliver(transport)
+        finally:
+            self.scheme.serving_over_group(False)
 
     def _serve_shared(self) -> None:
         """A shared-memory worker takes each update off the board by itself; this link only stamps checksums."""
@@ -548,8 +567,9 @@ class _WorkerLink(threading.Thread):
             published = self.scheme.publish_latest()
 
     def _deliver(self, transport: DistributedTransport) -> None:
-        transport.instruct()
-        self._patiently(transport.wait_ready)
+        if not transport.peer_armed:
+            transport.instruct()
+            self._patiently(transport.wait_ready)
         wire, index = self.scheme.pin_latest()
         version = read_header(wire)[0]
         try:
@@ -557,10 +577,12 @@ class _WorkerLink(threading.Thread):
             transport.wait_sent()
         finally:
             self.scheme.unpin(index)
-        transport.wait_ack()
-        self.scheme.delivered(self.status, version)
+        # An armed worker answers when it next polls, however long its rollout: wait as long as it lives.
+        if self._patiently(transport.wait_ack):
+            self.scheme.delivered(self.status, version)
+        transport.drop_read_ack()  # now, rather than on the way of the next send
 
-    def _patiently(self, wait: Callable[[], None]) -> None:
+    def _patiently(self, wait: Callable[[], object]) -> object:
         """Wait as long as the worker lives: a busy worker is fine, a dead one is the monitor's to declare."""
         while True:
             try:
@@ -577,12 +599,14 @@ class _Doorbell(threading.Thread):
     lock, then the condition's lock it takes back); the doorbell costs one whatever the number of workers, and
     this thread does the notifying. Links that poll instead cost the trainer far more: four links looking every
     0.5 ms made a small training step 1.4x slower (they take the GIL each time the trainer releases it). Rings
-    that come while a previous one is being answered coalesce: the links read the newest version anyway.
+    that come while a previous one is being answered coalesce: the links read the newest version anyway, and
+    ``publish`` (called after each answer, off the trainer thread) writes the newest one to the store.
     """
 
-    def __init__(self, cond: threading.Condition) -> None:
+    def __init__(self, cond: threading.Condition, publish: Callable[[], None]) -> None:
         super().__init__(name="fws-doorbell", daemon=True)
         self._cond = cond
+        self._publish = publish
         self._bell = threading.Lock()
         self._bell.acquire()  # held = not rung
         self._stopped = False
@@ -603,6 +627,10 @@ class _Doorbell(threading.Thread):
             self._bell.acquire()
             with self._cond:
                 self._cond.notify_all()
+            try:
+                self._publish()
+            except Exception:  # the store is shutting down with the trainer
+                pass
 
 
 class _HeartbeatMonitor(threading.Thread):

@@ -17,6 +17,14 @@ Store keys for the worker of rank ``r`` (1-indexed, the trainer is rank 0 of the
 ``update_weights`` (instruction), ``NODE_{r}_ready`` (receive posted), ``NODE_{r}_out`` = ``updated`` (ack).
 The shared-memory channel signals through its board in ``/dev/shm`` instead (see
 :class:`~fabric_weightsync.channels.SharedMemoryChannel`): a poll there is a memory read.
+
+A worker whose landing buffer is its own (it applies updates to a model or into ``weights=``) *arms* the group
+channel (gloo, host memory) after each update it applies: it posts the receive of the next one at once and
+says so in its ack (``updated, armed``). The sender then sends the next update without instruction or ready
+key, gloo lands it while the worker runs, and the worker's poll is a memory read. An armed worker that was
+busy when an update landed first asks the store for the newest version staged (the ``latest_key`` the sender
+names at connect); if the update was superseded meanwhile it drops it, re-arms, answers ``superseded, armed``
+and waits for the newest, which the sender sends next.
 """
 
 import json
@@ -26,7 +34,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from fabric_weightsync.channels import (
@@ -67,7 +75,14 @@ _UPDATE_TAG = 0
 _INITIAL_TAG = 1
 _INSTRUCTION = b"update_weights"
 _ACK = b"updated"
+_ACK_ARMED = b"updated, armed"
+_SUPERSEDED = b"superseded, armed"
 _ABORT = b"abort"
+
+_FRESH_S = 0.0005
+"""An armed worker that last looked (and found nothing) this recently takes what landed without asking the store
+whether it is still the newest: the answer, a round trip away (about this long on one host), would be no
+fresher than the update."""
 
 
 class TransportError(RuntimeError):
@@ -109,6 +124,9 @@ class DistributedTransport:
         shared_staging: shared-memory staging to publish from on the ``"shm"`` channel, shared by the
             transports of several workers (what :class:`~fabric_weightsync.scheme.WeightSyncScheme` does);
             without it the transport creates one buffer of its own when the shared-memory channel is chosen.
+        latest_key: sender side: a store key that holds the newest version staged for this worker (an integer,
+            kept by whoever stages); an armed worker that was busy while an update landed checks it before
+            applying, and drops an update superseded meanwhile. Without it, what lands is applied.
         flatten_weights: receiver side, for a ``model`` on the CPU made of plain tensors: move its weights into a
             wire buffer once (the ``Parameter`` objects stay the same), so that an update, once in the landing
             buffer (received over a process group, or copied out of shared memory as the sender writes it), is
@@ -131,6 +149,7 @@ class DistributedTransport:
         group_name: Optional[str] = None,
         checksum: bool = False,
         shared_staging: Optional[SharedStaging] = None,
+        latest_key: Optional[str] = None,
         flatten_weights: bool = True,
     ) -> None:
         if channel not in ("group", "shm", "auto"):
@@ -145,11 +164,17 @@ class DistributedTransport:
         self._checksum = checksum
         self._wire = _as_wire_buffer(weights_buffer, backend)
         self._schema = WeightSchema.of(self._wire[WEIGHTS_KEY])
-        self._group_channel = GroupChannel(store, group_name or f"fws/pg/{rank}", backend, self._timeout, group)
+        self._group_channel = GroupChannel(
+            store, group_name or f"fws/pg/{rank}", backend, self._timeout, group, aborted=lambda: self._aborted
+        )
         self._channel: Union[GroupChannel, SharedMemoryChannel] = self._group_channel
         self._ack_pending = False
         self._ack: Optional[bytes] = None
         self._ack_key_read = False
+        self._ready_taken = False
+        self._peer_armed = False
+        self._latest_key = latest_key
+        self._looked_at = 0.0
         self._aborted = False
         self._closed = False
         self._staging = shared_staging
@@ -184,6 +209,11 @@ class DistributedTransport:
         """The version last sent (sender) or received (receiver)."""
         return self._version
 
+    @property
+    def peer_armed(self) -> bool:
+        """Sender side: the worker's receive of the next update is posted already (it said so in its last ack)."""
+        return self._peer_armed
+
     # ------------------------------------------------------------------ sender side
     def send_weights(self, weights: Any, *, version: Optional[int] = None) -> None:
         """Signal the worker through the store, send the weights as one message and wait for its ack."""
@@ -200,7 +230,7 @@ class DistributedTransport:
             return
         self.wait_ack()  # a send still in flight reads the buffer that staging would rewrite
         wire = self._stage(weights, self._version + 1 if version is None else version)
-        if self._channel.name == GroupChannel.name:
+        if self._channel.name == GroupChannel.name and not self._peer_armed:
             self.instruct()
             self.wait_ready()
         self.post_send(wire)
@@ -210,7 +240,7 @@ class DistributedTransport:
     def instruct(self) -> None:
         """Set the worker's instruction key: an update is waiting for it."""
         self._store.set(self._key("in"), _INSTRUCTION)
-        self._drop_read_ack()  # while the worker notices the instruction: it cannot ack before it is ready
+        self.drop_read_ack()  # while the worker notices the instruction: it cannot ack before it is ready
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
         """Block until the worker is ready to receive (or :meth:`abort` is called from another thread)."""
@@ -221,38 +251,48 @@ class DistributedTransport:
             raise TransportTimeout(f"Timed out waiting for worker rank {self._rank} to post its receive ({key!r})") from err
         if self._aborted:
             raise TransportAborted(f"transport to worker rank {self._rank} was aborted")
+        self._ready_taken = True
 
     def post_send(self, wire: TensorDictBase) -> None:
         """Send one staged wire buffer on the data plane; :meth:`wait_sent` / :meth:`wait_ack` complete it."""
+        if self._peer_armed:
+            self.drop_read_ack()  # an armed worker acks as soon as this lands: the old ack must be gone first
         self._data_plane(lambda: self._channel.post(wire, _UPDATE_TAG), "sending an update")
         self._ack_pending, self._ack = True, None
-        if self._channel.name == GroupChannel.name:
+        if self._ready_taken:
             self._store.delete_key(self._key("ready"))  # after posting: off the worker's critical path
+            self._ready_taken = False
         self._version = read_header(wire)[0]
 
     def wait_sent(self) -> None:
         """Wait until the wire buffer passed to :meth:`post_send` may be overwritten."""
         self._ack = self._data_plane(self._channel.wait_sent, "sending an update") or self._ack
 
-    def wait_ack(self, timeout: Optional[float] = None) -> None:
-        """Wait until the send completed and the worker acknowledged (``NODE_{rank}_out`` = ``updated``)."""
+    def wait_ack(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the send completed and the worker answered (``NODE_{rank}_out``); whether it applied it.
+
+        ``False``: an armed worker dropped the update as superseded and waits for the newest one, which the next
+        send should carry. A :class:`TransportTimeout` leaves the answer pending: calling again keeps waiting.
+        """
         if self._store is None or self._rank is None or not self._ack_pending:
-            return
+            return True
         self.wait_sent()
-        self._ack_pending = False
         status = self._ack  # the shared-memory channel's ack came with the end of the send
         if status is None:
             status = self._wait_key("out", timeout, "for the worker's ack")
-            self._ack_key_read = True  # deleted by the next instruct(), off the path of this ack
+            self._ack_key_read = True  # deleted later (drop_read_ack), off the path of this ack
+        self._ack_pending = False
         if self._aborted:
             raise TransportAborted(f"transport to worker rank {self._rank} was aborted")
-        if status != _ACK:
+        if status not in (_ACK, _ACK_ARMED, _SUPERSEDED):
             raise TransportError(f"worker rank {self._rank} answered {status!r} instead of {_ACK!r}")
+        self._peer_armed = status != _ACK
+        return status != _SUPERSEDED
 
     def send_initial_weights(self, weights: Any) -> None:
         """Send the first weights without an instruction (the worker is blocked in its connect)."""
         wire = self._stage(weights, read_header(weights)[0] if is_wire_buffer(weights) else 0)
-        self._drop_read_ack()
+        self.drop_read_ack()
         self._data_plane(lambda: self._channel.post(wire, _INITIAL_TAG), "sending the initial weights")
         self._ack_pending, self._ack = True, None
         self.wait_ack()  # the worker acks its initial weights too: the connection is then confirmed end to end
@@ -276,7 +316,7 @@ class DistributedTransport:
             self._store.set(self._key("verdict"), json.dumps({"error": problem}).encode())
             raise SchemaMismatchError(f"Worker rank {self._rank} has a different policy: {problem}")
         use_shm = self._preferred_channel == "shm" or (self._preferred_channel == "auto" and hello["host"] == host_id())
-        verdict = {"channel": GroupChannel.name, "group": self._group_channel.group_name}
+        verdict = {"channel": GroupChannel.name, "group": self._group_channel.group_name, "latest": self._latest_key}
         if use_shm:
             if self._staging is None:  # standalone: one shared buffer of its own, holding its current weights
                 self._staging, self._owns_staging = SharedStaging.create(self._schema, 1, self._rank), True
@@ -302,12 +342,16 @@ class DistributedTransport:
     ) -> Optional[TensorDictBase]:
         """Wait up to ``timeout`` seconds for an update; receive it, apply it to ``model`` and ack.
 
-        Returns the received weights (``weights`` when given, filled in) or ``None`` when no update was
-        instructed within ``timeout`` (``0`` polls once; ``None`` waits the transport's timeout). The update is
-        applied only once it has fully arrived: a transfer cut short raises :class:`TransportError` and leaves
-        ``model`` untouched.
+        Returns the received weights (``weights`` when given, filled in; with ``model`` alone, the model's own
+        tensors by name) or ``None`` when no update came within ``timeout`` (``0`` polls once; ``None`` waits
+        the transport's timeout). The update is applied only once it has fully arrived: a transfer cut short
+        raises :class:`TransportError` and leaves ``model`` untouched. Applied to ``model`` or ``weights``, the
+        next update's receive is armed (see the module's docstring) and polls cost no store round trip.
         """
-        if not self.take_instruction(self._timeout if timeout is None else timeout):
+        timeout = self._timeout if timeout is None else timeout
+        if self._group_channel.armed:
+            return self._receive_armed(timeout, weights, model, strategy)
+        if not self.take_instruction(timeout):
             return None
         if self._channel.name == GroupChannel.name:
             self._store.set(self._key("ready"), b"1")
@@ -316,9 +360,12 @@ class DistributedTransport:
     def take_instruction(self, timeout: float = 0.0) -> bool:
         """Consume a pending update notice, waiting up to ``timeout`` seconds for one.
 
-        On the group channel that is the ``update_weights`` instruction key (one store round trip per look); on
-        shared memory, a publication on the board newer than the last one taken (a memory read).
+        On the group channel that is the ``update_weights`` instruction key (one store round trip per look), or
+        with the receive armed, an update that landed (a memory read); on shared memory, a publication on the
+        board newer than the last one taken (a memory read).
         """
+        if self._group_channel.armed:
+            return self._data_plane(lambda: self._group_channel.wait_landed(timeout), "waiting for an update")
         if self._channel.name == SharedMemoryChannel.name:
             return self._channel.take_notice(timeout)
         deadline = time.monotonic() + timeout
@@ -357,6 +404,7 @@ class DistributedTransport:
             self._channel = self._shared_channel()
         else:
             self._group_channel.group_name = verdict["group"]
+            self._latest_key = verdict.get("latest")
         self._data_plane(lambda: self._channel.connect(1), "connecting")
         return self._receive(_INITIAL_TAG, weights, model, strategy)
 
@@ -377,17 +425,17 @@ class DistributedTransport:
                 self._store.delete_key(self._key(name))
             except Exception:  # the store may already be gone at shutdown
                 pass
-        self._group_channel.group = None
+        self._group_channel.close()
         if self._owns_staging:
             self._staging.close()
             self._staging, self._owns_staging = None, False
 
-    # ------------------------------------------------------------------ helpers
-    def _drop_read_ack(self) -> None:
+    def drop_read_ack(self) -> None:
         """Delete the ack key read last, before the worker can set it again for the next update.
 
         :meth:`wait_ack` leaves it in place, so that a store round trip does not stand between the worker's ack
-        and the caller learning of it; every send that waits for an ack drops it first.
+        and the caller learning of it; every send that waits for an ack drops it first. A caller with time on its
+        hands (a link thread about to sleep) drops it then, so that the next send to an armed worker need not.
         """
         if self._ack_key_read:
             self._store.delete_key(self._key("out"))
@@ -395,6 +443,41 @@ class DistributedTransport:
 
     def _key(self, name: str) -> str:
         return f"NODE_{self._rank}_{name}"
+
+    def _receive_armed(self, timeout: float, weights: Any, model: Any, strategy: Optional[WeightStrategy]) -> Optional[TensorDictBase]:
+        channel = self._group_channel
+        landed_earlier = channel.landed()  # it may have landed at any time since this worker last looked
+        if not landed_earlier and not self._data_plane(lambda: channel.wait_landed(timeout), "waiting for an update"):
+            self._looked_at = time.monotonic()
+            return None
+        if landed_earlier and self._superseded():
+            self._data_plane(lambda: channel.receive(self._wire, _UPDATE_TAG), "receiving weights")
+            self._data_plane(lambda: channel.arm(self._wire, _UPDATE_TAG), "re-arming the receive")
+            self._store.set(self._key("out"), _SUPERSEDED)
+            if not self._data_plane(lambda: channel.wait_landed(self._timeout), "waiting for the newest update"):
+                raise TransportTimeout(f"Worker rank {self._rank} dropped a superseded update and the newest one did not come")
+        return self._receive(_UPDATE_TAG, weights, model, strategy)
+
+    def _superseded(self) -> bool:
+        """Whether the update that landed since this worker last looked was superseded meanwhile (a store round
+        trip; one that landed while it waited here is as fresh as can be).
+
+        Not asked after a look at most :data:`_FRESH_S` old, nor without a ``latest_key``. The version is read
+        before the receive is confirmed: the header comes first, and a wrong guess only costs a resend.
+        """
+        if self._latest_key is None or time.monotonic() - self._looked_at < _FRESH_S:
+            return False
+        return int(self._store.add(self._latest_key, 0)) > read_header(self._wire)[0]
+
+    def _can_arm(self, applied_elsewhere: bool) -> bool:
+        """Whether the landing buffer may take the next update in the background: it must be the transport's own
+        (the caller was handed the model's or its own weights, not it) and in host memory on the group channel."""
+        return (
+            applied_elsewhere
+            and self._channel is self._group_channel
+            and not self._lands_always
+            and wire_storage(self._wire).is_cpu
+        )
 
     def _stage(self, weights: Any, version: int) -> TensorDictBase:
         """The wire buffer to send ``weights`` from, stamped ``version``: ``weights`` itself if it is one we can send."""
@@ -427,7 +510,7 @@ class DistributedTransport:
         if into_model:
             landing = self._targets.apply(source, swap)
             self._wire = landing if landing is not None else self._wire
-            received = source[WEIGHTS_KEY]
+            received = self._targets.weights
         else:
             if source is not self._wire:
                 wire_storage(self._wire).copy_(wire_storage(source))
@@ -439,18 +522,23 @@ class DistributedTransport:
             if model is not None:
                 strategy.apply_weights(model, received)
         self._version = version  # applied: from here on the policy is this version, acked or not
+        armed = self._can_arm(into_model or weights is not None)
         try:
             self._channel.release()
-            self._acknowledge(version)
+            # The ack may announce the receive before it is posted: a gloo send waits for its receive anyway.
+            self._acknowledge(version, armed=armed)
+            if armed:
+                self._group_channel.arm(self._wire, _UPDATE_TAG)
+                self._looked_at = time.monotonic()
         except RuntimeError as err:
             raise TransportError(f"Worker rank {self._rank}: update {version} was applied but could not be acknowledged: {err}") from err
         return received
 
-    def _acknowledge(self, version: int, refused: bool = False) -> None:
+    def _acknowledge(self, version: int, refused: bool = False, armed: bool = False) -> None:
         if self._channel.name == SharedMemoryChannel.name:
             self._channel.acknowledge(REFUSED if refused else version)
         else:
-            self._store.set(self._key("out"), b"checksum mismatch" if refused else _ACK)
+            self._store.set(self._key("out"), b"checksum mismatch" if refused else _ACK_ARMED if armed else _ACK)
 
     def _shared_channel(self) -> SharedMemoryChannel:
         return SharedMemoryChannel(self._staging, self._rank, self._timeout, aborted=lambda: self._aborted)
@@ -484,6 +572,7 @@ class _ModuleTargets:
         self._probe: Optional[LayoutProbe] = None
         self._flat: Optional[FlatWeights] = None
         self._sources: dict[int, tuple[TensorDictBase, list[torch.Tensor]]] = {}
+        self.weights: Optional[TensorDictBase] = None
 
     def bind(self, model: nn.Module, wire: TensorDictBase, schema: WeightSchema) -> bool:
         """Follow ``model``'s current layout; returns whether an update that landed in a private buffer like
@@ -511,6 +600,7 @@ class _ModuleTargets:
         if len(targets) != len(names) or any(name not in targets for name in names):
             WeightStrategy().apply_weights(model, source[WEIGHTS_KEY])  # raises the precise mismatch
         self._model, self._tensors = model, [targets[name] for name in names]
+        self.weights = TensorDict(dict(zip(names, self._tensors)))  # what a receive into the model returns
         on_cpu = all(tensor.device.type == "cpu" for tensor in self._tensors)
         self._flat = FlatWeights.adopt(module, schema, self._tensors) if self._flatten and on_cpu else None
         self._probe = self._flat.probe if self._flat is not None else LayoutProbe(module, schema, self._tensors)

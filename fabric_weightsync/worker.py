@@ -36,8 +36,9 @@ EXIT_TRAINER_LOST = 75
 class WeightReceiver:
     """The collector-side callback: applies the trainer's newest weights to the local policy between rollouts.
 
-    When nothing is pending, ``poll()`` costs a memory read on shared memory (a worker on the trainer's host) and
-    one store round trip over a process group. Updates are applied in the calling thread,
+    When nothing is pending, ``poll()`` costs a memory read: on shared memory (a worker on the trainer's host) and
+    over gloo, where the receive of the next update is armed as soon as one is applied, so that it lands while
+    the rollout runs (nccl: one store round trip). Updates are applied in the calling thread,
     all at once, only after they fully arrived: code that runs the policy in the same thread never sees it
     half-updated. ``version`` is the trainer's optimizer-step count of the applied weights and only grows.
     """

@@ -768,16 +768,34 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     _, err, took = timed(lambda: transport(2).setup_connection_and_weights_on_sender())
     assert_timed_out(err, took, limit, "worker to connect", "NODE_2_schema")
 
-    # A connected pair whose sender instructs an update but never sends it.
+    # A connected pair whose sender instructs an update but never sends it (a receiver that keeps no model posts
+    # its receive only when instructed).
     sender, receiver = transport(3), transport(3)
     connecting = threading.Thread(target=sender.setup_connection_and_weights_on_sender)
     connecting.start()
-    receiver.setup_connection_and_weights_on_receiver(worker_idx=2, model=small_policy(1))
+    receiver.setup_connection_and_weights_on_receiver(worker_idx=2)
     connecting.join(10)
-    assert receiver.channel == sender.channel == "group"
+    assert receiver.channel == sender.channel == "group" and not sender.peer_armed
     sender.instruct()
     _, err, took = timed(lambda: receiver.receive_weights(timeout))
     assert_timed_out(err, took, limit, "receiving weights failed")
+
+    # An armed worker that was busy drops an update superseded meanwhile, and the newest one never comes.
+    sender = DistributedTransport(
+        weights_buffer=small_policy(), store=client(timeout), rank=6, timeout=timeout, latest_key="test/latest"
+    )
+    receiver, policy = transport(6), small_policy(1)
+    connecting = threading.Thread(target=sender.setup_connection_and_weights_on_sender)
+    connecting.start()
+    receiver.setup_connection_and_weights_on_receiver(worker_idx=5, model=policy)
+    connecting.join(10)
+    assert sender.peer_armed
+    client(timeout).set("test/latest", b"7")
+    sender.send_weights_async(small_policy(2), version=3)
+    time.sleep(0.01)  # the worker's "rollout": the update lands meanwhile
+    _, err, took = timed(lambda: receiver.receive_weights(0, model=policy))
+    assert_timed_out(err, took, limit, "dropped a superseded update")
+    assert sender.wait_ack() is False and receiver.version == 0
     # A sender whose worker never posts its receive.
     _, err, took = timed(lambda: transport(5).wait_ready())
     assert_timed_out(err, took, limit, "post its receive", "NODE_5_ready")

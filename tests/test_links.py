@@ -1,5 +1,8 @@
-"""Rank 0's link threads over gloo: asleep between pushes (no polling), woken by the push that needs them."""
+"""Rank 0's link threads over gloo, with real worker processes: asleep between pushes (no polling), woken by the
+push that needs them; and workers that arm their receive, which still apply only the newest version after a
+rollout."""
 
+import json
 import subprocess
 import sys
 import time
@@ -17,11 +20,22 @@ from fabric_weightsync.control import ControlPlane
 WORKER = SCRIPTS_DIR / "polling_worker.py"
 
 
-def start_workers(count: int, boot_port: int) -> list[subprocess.Popen]:
+def start_workers(count: int, boot_port: int, *rollout: str) -> list[subprocess.Popen]:
     return [
-        subprocess.Popen([sys.executable, str(WORKER), str(i), str(count), str(boot_port)], env=clean_env())
+        subprocess.Popen([sys.executable, str(WORKER), str(i), str(count), str(boot_port), *rollout], env=clean_env())
         for i in range(count)
     ]
+
+
+def stop(control: ControlPlane, scheme: WeightSyncScheme, procs: list[subprocess.Popen]) -> None:
+    control.request_stop()
+    scheme.close()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def voluntary_switches(native_id: int) -> int:
@@ -59,11 +73,35 @@ def test_idle_links_sleep_until_a_push_wakes_them() -> None:
             assert scheme.flush(10), f"version {version} was not delivered: {[w.delivered_version for w in scheme.workers]}"
         assert [w.delivered_version for w in scheme.workers] == [20] * workers
     finally:
-        control.request_stop()
-        scheme.close()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(control, scheme, procs)
+
+
+@pytest.mark.timeout(90)
+def test_busy_armed_worker_applies_the_newest_version_not_the_one_that_landed(tmp_path) -> None:
+    """A gloo worker arms its receive after each update, so the next one lands during its rollout; versions
+    pushed after that one supersede it, and the poll after the rollout must apply the newest, not what landed."""
+    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    record = tmp_path / "polls.json"
+    procs = start_workers(1, bootstrap.port, "0.05", str(record))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
+    scheme = WeightSyncScheme(control, 1, transport="gloo", heartbeat_timeout=600)
+    try:
+        scheme.start(model)
+        assert scheme.flush(60), "the worker never connected"
+        version = 0
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # a push every 2 ms: 25 per rollout
+            version += 1
+            scheme.push(version)
+            time.sleep(0.002)
+        assert scheme.flush(10) and scheme.workers[0].delivered_version == version
+    finally:
+        stop(control, scheme, procs)
+    polls = json.loads(record.read_text())
+    applied = [poll for poll in polls if poll["applied"]]
+    assert len(applied) >= 10, polls
+    stale = [poll for poll in applied if poll["version"] < poll["staged_before"]]
+    assert not stale, f"polls applied a version older than the newest staged before they began: {stale}"
+    versions = [poll["version"] for poll in polls]
+    assert versions == sorted(versions) and versions[-1] == version

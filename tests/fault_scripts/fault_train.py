@@ -41,6 +41,8 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
+from fabric_weightsync.channels import GroupChannel
+from fabric_weightsync.weights import header_words
 from fabric_weightsync import (
     DistributedTransport,
     SchemaMismatchError,
@@ -116,10 +118,14 @@ def behaviour_of(args: argparse.Namespace, worker_id: int) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------------- workers
 class MidReceiveKiller:
-    """SIGKILLs a process while this worker is inside a receive: between taking the instruction and returning.
+    """SIGKILLs a process while an update is on its way into this worker.
 
-    Hooks DistributedTransport.take_instruction (public API) to learn when a receive starts. The delay is a random
-    fraction of the receives measured so far; a kill that would land after the receive finished is cancelled and
+    Over shared memory the receive runs inside the worker's poll: it starts when DistributedTransport.take_instruction
+    (public API) takes the notice, and ends when the poll returns. Over gloo the worker arms its receive ahead of
+    time and gloo lands the bytes in the background, so a watcher thread looks at each armed buffer
+    (GroupChannel.arm is hooked to learn of them): the transfer starts when the header's version changes (the
+    first bytes arrived) and ends when the last word loses the channel's mark. The delay is a random fraction
+    of the receives measured so far; a kill that would land after the receive finished is cancelled and
     retried on the next one with a shorter delay, so the kill really interrupts a transfer.
     """
 
@@ -143,6 +149,33 @@ class MidReceiveKiller:
             return taken
 
         DistributedTransport.take_instruction = hooked
+        self.armed_receive = None
+        original_arm = GroupChannel.arm
+
+        def hooked_arm(channel, wire, tag):
+            original_arm(channel, wire, tag)
+            with killer.lock:
+                killer.armed_receive = (channel._armed, header_words(wire)[0])
+
+        GroupChannel.arm = hooked_arm
+        threading.Thread(target=self._watch_armed_receives, daemon=True).start()
+
+    def _watch_armed_receives(self) -> None:
+        watched = None
+        while not self.fired:
+            time.sleep(0.0005)
+            with self.lock:
+                current = self.armed_receive
+            if current is None:
+                continue
+            armed, version_before = current
+            landed = armed.last_word[0] != armed.mark
+            if watched is not armed and header_words(armed.wire)[0] != version_before and not landed:
+                watched = armed
+                self._receive_started()
+            elif watched is armed and landed:
+                watched = None
+                self.receive_finished(True)
 
     def _receive_started(self) -> None:
         with self.lock:
