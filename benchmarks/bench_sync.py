@@ -352,6 +352,24 @@ def memcpy_trainer(case: Case, reports, sig: "Signals") -> dict:
 
 
 # ------------------------------------------------------------------ ours (WeightSyncScheme / WorkerContext)
+def record_sends(sends_done: list[tuple[int, int, float]]) -> None:
+    """Note (worker rank, version, when) each time a link's send completes (this process only): over gloo an armed
+    worker holds the update from then on, and applies it at its next poll."""
+    original = DistributedTransport.wait_sent
+
+    def wait_sent(transport: DistributedTransport) -> None:
+        original(transport)
+        sends_done.append((transport.rank, transport.version, time.monotonic()))
+
+    DistributedTransport.wait_sent = wait_sent
+
+
+def landed_at(sends_done: list[tuple[int, int, float]], workers: int, version: int) -> Optional[float]:
+    """When the last worker's send of ``version`` (or a newer one) completed; ``None`` if some worker got none."""
+    firsts = [min((t for rank, v, t in sends_done if rank == r and v >= version), default=None) for r in range(1, workers + 1)]
+    return None if None in firsts else max(firsts)
+
+
 def ours_trainer(case: Case, reports, sig: "Signals") -> dict:
     setup_process()
     model = build_model(case.model, seed=0)
@@ -367,6 +385,8 @@ def ours_trainer(case: Case, reports, sig: "Signals") -> dict:
         instrument(WeightSyncScheme, ["push", "raise_if_failed", "_check_sources", "_snapshot"], sink, "trainer")
         instrument(DistributedTransport, ["instruct", "wait_ready", "post_send", "wait_sent", "wait_ack", "drop_read_ack"], sink, "link")
     out: dict[str, Any] = defaultdict(list)
+    sends_done: list[tuple[int, int, float]] = []
+    record_sends(sends_done)
     version = 0
     try:
         scheme.start(model, version)
@@ -396,6 +416,10 @@ def ours_trainer(case: Case, reports, sig: "Signals") -> dict:
                 out["delivery"].append(t2 - t0)
                 out["applied"].append(max(applied.values()) - t0)
                 out["applied_first"].append(min(applied.values()) - t0)
+                landed = landed_at(sends_done, case.workers, version)
+                if landed is not None:
+                    out["landed"].append(landed - t0)
+            sends_done.clear()
 
         # Worker 0 goes into a long rollout (no polling) while the trainer keeps pushing at its step cadence.
         if case.busy:
@@ -814,7 +838,7 @@ def make_row(model: str, workers: int, path: str, nbytes: int, trainer: dict, re
         row.checked, row.bad = trainer["checks"]["total"], trainer["checks"]["bad"]
     if trainer.get("deferred"):
         row.extra["deferred"] = sum(trainer["deferred"])
-    row.extra.update({k: trainer[k] for k in ("label", "send_part", "memcpy_busy", "applied_first", "micro", "profile") if k in trainer})
+    row.extra.update({k: trainer[k] for k in ("label", "send_part", "landed", "memcpy_busy", "applied_first", "micro", "profile") if k in trainer})
     row.extra["worker_profiles"] = [r for r in results if "profile" in r]
     return row
 
@@ -882,6 +906,11 @@ def ratio_rows(rows: list[Row], latencies: list[Row]) -> list[tuple[str, str, st
             # The same without push()'s staging copy, which raw gloo does not make: what the transport adds.
             value = med([d - s for d, s in zip(r.delivery, r.stall)]) / med(raw.delivery)
             out.append(("(3) ours-gloo (delivery - stall) / raw flat gloo [info]", f"{model} W={w}", f"{value:.2f}", "-", "info"))
+            if r.extra.get("landed") and raw.extra.get("sent"):
+                # Both timed on the sender, from the push (raw: the first send) to the last send's completion: from
+                # then on every worker holds the update (ours: applied at its next poll, without a round trip).
+                value = med(r.extra["landed"]) / med(raw.extra["sent"])
+                out.append(("(3) ours-gloo sends done / raw sends done (sender side)", f"{model} W={w}", f"{value:.2f}", "<= 1.1", verdict(value, 1.1, True)))
     for model, target in (("many", 2.5), ("small", 5.0)):
         trl, ours = by.get((model, 4, "torchrl")), by.get((model, 4, "ours-gloo"))
         if trl and ours:
@@ -987,8 +1016,13 @@ def render(args: Args, machine: list[str], rows: list[Row], latencies: list[Row]
             f"| small ({latency.nbytes / 1e6:.3g} MB) | 1 | {latency.path}, worker polls in a tight loop | {spread(latency.stall)} | - |"
             f" {spread(latency.delivery)} | {spread(latency.applied)} | {latency.gbps:.2f} | - | - | {latency.checks} |"
         )
+    by_case = {(r.model, r.workers): r for r in rows if r.path == "raw-gloo" and r.extra.get("sent")}
     lines += ["", "## Ratios (targets from the issue, computed within this run)", "", "| ratio | case | value | target | verdict |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in ratio_rows(rows, latencies)]
+    sends = [(r, by_case.get((r.model, r.workers))) for r in rows if r.path == "ours-gloo" and r.extra.get("landed")]
+    if sends:
+        lines += ["", "Sender side, push (raw: first send) -> every send completed, median ms, ours-gloo / raw-gloo: "
+                  + ", ".join(f"{r.model} W={r.workers}: {ms(med(r.extra['landed']))} / {ms(med(raw.extra['sent'])) if raw else '-'}" for r, raw in sends)]
     trl = [r for r in rows if r.path == "torchrl" and "send_part" in r.extra]
     if trl:
         lines += ["", "TorchRL: time until every per-tensor send returned, before the acks (median ms): "
