@@ -108,6 +108,7 @@ class GroupChannel:
         self._pending: Optional[dist.Work] = None
         self._armed: Optional[_ArmedReceive] = None
         self._last_words: dict[int, memoryview] = {}
+        self._marks = random.Random()  # its own: drawing from the global one would shift a seeded user's stream
 
     def connect(self, group_rank: int) -> None:
         if self.group is None:
@@ -151,7 +152,7 @@ class GroupChannel:
         last_word = self._last_words.get(storage.data_ptr())
         if last_word is None:  # the landing buffers alternate between two storages: map each one once
             last_word = self._last_words[storage.data_ptr()] = memoryview(storage[-8:].view(torch.int64).numpy())
-        mark = random.getrandbits(63)  # an update whose last word equals it would go unnoticed: 1 in 2**63
+        mark = self._marks.getrandbits(63)  # an update whose last word equals it would go unnoticed: 1 in 2**63
         last_word[0] = mark
         self._armed = _ArmedReceive(self._group().recv([storage], 0, tag), wire, last_word, mark)
 
