@@ -49,6 +49,7 @@ class Args:
     devices: int = arg(1, "training ranks (DDP processes)")
     inference_workers: int = arg(2, "inference worker processes (per node)")
     start_method: str = arg("fork", "how processes start: fork (fast), spawn or popen (re-runs this script)")
+    transport: str = arg("auto", "weight transport: auto (shared memory on this host, gloo to others), gloo, shm or nccl")
     num_envs: int = arg(8, "environments per worker (gymnasium SyncVectorEnv)")
     num_steps: int = arg(32, "steps per environment in one rollout (one batch sent to the trainer)")
     total_timesteps: int = arg(500_000, "env-step budget (steps consumed by the trainer)")
@@ -467,7 +468,10 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     strategy = WeightSyncStrategy(
-        functools.partial(worker_main, args=args), inference_workers=args.inference_workers, start_method=args.start_method
+        functools.partial(worker_main, args=args),
+        inference_workers=args.inference_workers,
+        start_method=args.start_method,
+        transport=args.transport,
     )
     fabric = Fabric(
         accelerator="cpu", devices=args.devices, strategy=strategy, callbacks=[WeightSyncCallback()], loggers=make_logger(args)
