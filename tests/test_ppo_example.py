@@ -43,9 +43,10 @@ def returns_by_step(rows: list[dict]) -> list[tuple[int, float]]:
 
 
 @pytest.mark.timeout(120)
-def test_short_run_learns(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["auto", "gloo"])  # shared memory on one host; gloo as for other hosts
+def test_short_run_learns(tmp_path: Path, transport: str) -> None:
     """40K env steps: the mean return of the last 20 episodes rises far above a random policy's (about 22)."""
-    result = run_example(tmp_path, "--total-timesteps", "40000", timeout=110)
+    result = run_example(tmp_path, "--total-timesteps", "40000", "--transport", transport, timeout=110)
     points = returns_by_step(read_metrics(tmp_path))
     assert len(points) >= 10, points
     early = max(value for _, value in points[:3])
