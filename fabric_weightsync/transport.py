@@ -178,7 +178,7 @@ class DistributedTransport:
         self._peer_armed = False
         self._latest_key = latest_key
         self._looked_at = 0.0
-        self._fetch_s = _FRESH_S
+        self._fetch_s: Optional[float] = None  # what fetching the newest took lately (smoothed); none yet
         self._aborted = False
         self._closed = False
         self._staging = shared_staging
@@ -455,15 +455,21 @@ class DistributedTransport:
             self._looked_at = time.monotonic()
             return None
         if landed_earlier and self._superseded():
-            self._data_plane(lambda: channel.receive(self._wire, _UPDATE_TAG), "receiving weights")
-            self._data_plane(lambda: channel.arm(self._wire, _UPDATE_TAG), "re-arming the receive")
-            self._store.set(self._key("out"), _SUPERSEDED)
-            asked = time.monotonic()
-            if not self._data_plane(lambda: channel.wait_landed(self._timeout), "waiting for the newest update"):
-                raise TransportTimeout(f"Worker rank {self._rank} dropped a superseded update and the newest one did not come")
-            took = time.monotonic() - asked  # smoothed: one slow fetch (a trainer busy elsewhere) moves it a quarter
-            self._fetch_s = max(_FRESH_S, took if self._fetch_s == _FRESH_S else 0.75 * self._fetch_s + 0.25 * took)
+            self._fetch_newest()
         return self._receive(_UPDATE_TAG, weights, model, strategy)
+
+    def _fetch_newest(self) -> None:
+        """Drop the superseded update that landed, re-arm, and wait for the newest: the sender sends it once it
+        reads the answer ``superseded, armed``."""
+        channel = self._group_channel
+        self._data_plane(lambda: channel.receive(self._wire, _UPDATE_TAG), "receiving weights")
+        self._data_plane(lambda: channel.arm(self._wire, _UPDATE_TAG), "re-arming the receive")
+        self._store.set(self._key("out"), _SUPERSEDED)
+        asked = time.monotonic()
+        if not self._data_plane(lambda: channel.wait_landed(self._timeout), "waiting for the newest update"):
+            raise TransportTimeout(f"Worker rank {self._rank} dropped a superseded update and the newest one did not come")
+        took = time.monotonic() - asked  # smoothed: one slow fetch (a trainer busy elsewhere) moves it a quarter
+        self._fetch_s = took if self._fetch_s is None else 0.75 * self._fetch_s + 0.25 * took
 
     def _superseded(self) -> bool:
         """Whether the update that landed since this worker last looked was superseded meanwhile (a store round
@@ -474,7 +480,7 @@ class DistributedTransport:
         longer than the staleness it removes. The version is read before the receive is confirmed: the header
         comes first, and a wrong guess only costs a resend.
         """
-        if self._latest_key is None or time.monotonic() - self._looked_at < self._fetch_s:
+        if self._latest_key is None or time.monotonic() - self._looked_at < max(_FRESH_S, self._fetch_s or 0.0):
             return False
         return int(self._store.add(self._latest_key, 0)) > read_header(self._wire)[0]
 
