@@ -200,7 +200,12 @@ class _Heartbeat(threading.Thread):
         self._stopped = threading.Event()
 
     def stop(self) -> None:
+        """Stop beating and wait out a beat in flight: a daemon thread still inside a store call when the
+        interpreter finalizes is unwound through C++ frames, which aborts the process ("terminate called
+        without an active exception") after the worker's work is done."""
         self._stopped.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout=5.0)
 
     def run(self) -> None:
         failing_since: Optional[float] = None

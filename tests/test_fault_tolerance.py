@@ -595,6 +595,21 @@ def test_trainer_killed_mid_transfer(launch, transport, behaviours):
 
 
 @pytest.mark.timeout(60)
+def test_worker_exits_cleanly_with_a_heartbeat_in_flight(store):
+    """A daemon thread still inside a store call when the interpreter finalizes aborts the process ("terminate
+    called without an active exception", exit -6) after the worker's work is done: the heartbeat must be
+    stopped and joined before the worker process exits."""
+    from fabric_weightsync.control import ControlPlane
+
+    server, _ = store
+    control = ControlPlane.serve("127.0.0.1", server.port, 30.0)
+    script = TESTS_DIR / "scripts" / "exit_while_beating.py"
+    codes = [subprocess.run([sys.executable, str(script), str(server.port)], env=clean_env(), capture_output=True, text=True, timeout=30) for _ in range(5)]
+    assert [run.returncode for run in codes] == [0] * 5, [run.stderr[-300:] for run in codes if run.returncode]
+    assert control.store.add("NODE_1_hb", 0) > 100, "the heartbeat did not beat without pause"
+
+
+@pytest.mark.timeout(60)
 def test_trainer_killed_popen_children_die(launch):
     """``python train.py`` mode: SIGKILL rank 0 and its children (training rank 1 and the worker) die with it."""
     trainer = popen_run(launch, "--devices", 2, "--workers", 1, "--steps", 3000, "--step-sleep", 0.02)
