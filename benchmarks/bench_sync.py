@@ -496,7 +496,7 @@ def ours_worker(case: Case, rank: int, reports, sig: "Signals") -> dict:
     )
     sink: dict[str, list[float]] = defaultdict(list)
     if case.profile:
-        instrument(DistributedTransport, ["receive_weights", "take_instruction", "_receive_armed", "_superseded", "_receive", "_deliver"], sink, "worker")
+        instrument(DistributedTransport, ["receive_weights", "take_instruction", "_receive_armed", "_superseded", "_fetch_newest", "_receive"], sink, "worker")
         instrument(getattr(fws_channels, "GroupChannel", None), ["receive", "arm"], sink, "worker.GroupChannel")
         instrument(getattr(fws_channels, "SharedMemoryChannel", None), ["receive"], sink, "worker.SharedMemoryChannel")
         instrument(fws_transport, ["_copy_into_module"], sink, "worker")
