@@ -604,8 +604,11 @@ def test_worker_exits_cleanly_with_a_heartbeat_in_flight(store):
     server, _ = store
     control = ControlPlane.serve("127.0.0.1", server.port, 30.0)
     script = TESTS_DIR / "scripts" / "exit_while_beating.py"
-    codes = [subprocess.run([sys.executable, str(script), str(server.port)], env=clean_env(), capture_output=True, text=True, timeout=30) for _ in range(5)]
-    assert [run.returncode for run in codes] == [0] * 5, [run.stderr[-300:] for run in codes if run.returncode]
+    runs = [
+        subprocess.run([sys.executable, str(script), str(server.port)], env=clean_env(), capture_output=True, text=True, timeout=30)
+        for _ in range(5)
+    ]
+    assert [run.returncode for run in runs] == [0] * 5, [run.stderr[-300:] for run in runs if run.returncode]
     assert control.store.add("NODE_1_hb", 0) > 100, "the heartbeat did not beat without pause"
 
 
