@@ -455,11 +455,19 @@ class ExperienceStream:
         with self._cond:
             return self.capacity - self._free
 
-    def close(self) -> None:
-        """Stop posting receives; workers of this rank then wait in ``send`` until training stops."""
+    def close(self, wait: float = 0.0) -> None:
+        """Stop posting receives; workers of this rank then wait in ``send`` until training stops.
+
+        ``wait``: give the receiving threads up to that many seconds in all to finish (those of workers that
+        exited end within 20 ms). The strategy waits at shutdown: a daemon thread still inside a store or gloo
+        call when the interpreter finalizes aborts the process ("terminate called without an active exception").
+        """
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        deadline = time.monotonic() + wait
+        for receiver in self._receivers if wait > 0 else ():
+            receiver.join(max(0.0, deadline - time.monotonic()))
 
     def _take(self, timeout: Optional[float], wanted: Optional[tuple[int, int]] = None) -> Optional[ExperienceBatch]:
         deadline = None if timeout is None else time.monotonic() + timeout

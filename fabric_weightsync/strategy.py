@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 WorkerFn = Callable[[WorkerContext], Any]
 
+EXPERIENCE_CLOSE_S = 2.0
+"""Seconds a training rank gives its experience receivers to finish at shutdown."""
+
 WORKER_FN_ENV = "FABRIC_WEIGHTSYNC_WORKER_FN"
 WORKERS_ENV = "FABRIC_WEIGHTSYNC_INFERENCE_WORKERS"
 
@@ -175,6 +178,8 @@ class WeightSyncStrategy(DDPStrategy):
 
         if self._experience is None:
             self._experience = ExperienceStream(self, **kwargs)
+            if self.global_rank != 0:  # rank 0 closes it in shutdown(), once its workers have exited
+                atexit.register(self._close_experience)
         return self._experience
 
     def control_plane(self) -> ControlPlane:
@@ -250,6 +255,7 @@ class WeightSyncStrategy(DDPStrategy):
             scheme.close()
             control.request_stop()
             _wait_for_exits(control, scheme, self.shutdown_timeout)
+            self._close_experience()
             if not TrainingCrash.crashed:
                 scheme.report_late_failures()
                 scheme.raise_if_failed()  # a failure after the last push must still fail the run
@@ -267,6 +273,12 @@ class WeightSyncStrategy(DDPStrategy):
             os._exit(1)
 
     # ------------------------------------------------------------------ helpers
+    def _close_experience(self) -> None:
+        """Stop this rank's experience receivers and let those whose workers exited finish before the
+        interpreter does: a daemon thread inside a store call at finalization aborts the process."""
+        if self._experience is not None:
+            self._experience.close(wait=EXPERIENCE_CLOSE_S)
+
     def _main_address(self) -> str:
         return self.cluster_environment.main_address
 

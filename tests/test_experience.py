@@ -8,6 +8,8 @@ assertions run here, in the test process.
 import functools
 import json
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
+from conftest import clean_env
 from _experience_workers import (
     batch_seq,
     checking_worker,
@@ -129,6 +132,17 @@ def test_batches_arrive_intact_with_versions_and_route_by_worker_id(tmp_path: Pa
             assert all(sent[t["seq"]] == t["version"] for t in mine)
         assert max(t["version"] for t in taken) >= 1, "weights pushed after each step should reach the workers"
     assert wall < 30, f"the launch took {wall:.1f}s: shutdown waited on a worker"
+
+
+@pytest.mark.timeout(90)
+def test_script_mode_exit_leaves_no_receiver_running(tmp_path: Path) -> None:
+    """``python train.py`` mode: rank 0's shutdown runs at interpreter exit. Its experience receivers, whose workers
+    have exited, must have finished by then, not be left polling the store: a daemon thread inside a store call
+    when the interpreter finalizes aborts the process ("terminate called without an active exception")."""
+    script = Path(__file__).parent / "scripts" / "experience_exit.py"
+    result = subprocess.run([sys.executable, str(script)], env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=80)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert "RECEIVERS_AFTER_SHUTDOWN none" in result.stdout, result.stdout[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------- back-pressure
