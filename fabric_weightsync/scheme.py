@@ -56,6 +56,9 @@ FLUSH_POLL_S = 0.0005
 """How often :meth:`WeightSyncScheme.flush` looks at the workers' acks at most: shared-memory workers write
 theirs on the board, which notifies nobody."""
 
+_DEAD_LINK_JOIN_S = 0.5
+"""Seconds :meth:`WeightSyncScheme.close` waits in all for the links of dead workers."""
+
 FailurePolicy = Literal["raise", "continue"]
 
 
@@ -285,10 +288,12 @@ class WeightSyncScheme:
             self._doorbell.stop()
         for link in self._links:
             link.abort()
+        dead_links_deadline = time.monotonic() + _DEAD_LINK_JOIN_S
         for link in self._links:
-            # A dead worker's link may sit in a transfer that only its timeout ends; it is a daemon thread.
-            if link.status.alive:
-                link.join(timeout=min(self.timeout, 5.0))
+            # A dead worker's link may sit in a transfer that only its timeout ends (it is a daemon thread): it gets
+            # a moment only, enough to leave its wait for a reconnection, which polls the store every 50 ms (a thread
+            # inside a store call when the interpreter finalizes aborts the process).
+            link.join(min(self.timeout, 5.0) if link.status.alive else max(0.0, dead_links_deadline - time.monotonic()))
         if self._monitor is not None:
             self._monitor.stop()
         if self._staging is not None:

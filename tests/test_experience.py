@@ -6,7 +6,9 @@ assertions run here, in the test process.
 """
 
 import functools
+import gc
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -49,6 +51,9 @@ def fresh_master_port(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def launch(train_fn: Callable, worker_fn: Callable, *, devices: int, workers: int, **train_kwargs: Any) -> tuple[Any, float]:
     """One fork launch with weight sync; returns training rank 0's result and the wall time of the whole launch."""
+    # The children inherit this process's garbage: a store server or process group left in a reference cycle by an
+    # earlier test would be destroyed by a child's collection, which aborts on the threads the child does not have.
+    gc.collect()
     strategy = WeightSyncStrategy(worker_fn, inference_workers=workers, start_method="fork", shutdown_timeout=20)
     fabric = Fabric(accelerator="cpu", devices=devices, strategy=strategy, callbacks=[WeightSyncCallback()])
     start = time.monotonic()
@@ -135,14 +140,16 @@ def test_batches_arrive_intact_with_versions_and_route_by_worker_id(tmp_path: Pa
 
 
 @pytest.mark.timeout(90)
-def test_script_mode_exit_leaves_no_receiver_running(tmp_path: Path) -> None:
-    """``python train.py`` mode: rank 0's shutdown runs at interpreter exit. Its experience receivers, whose workers
-    have exited, must have finished by then, not be left polling the store: a daemon thread inside a store call
-    when the interpreter finalizes aborts the process ("terminate called without an active exception")."""
+def test_script_mode_exit_leaves_no_thread_polling_the_store(tmp_path: Path) -> None:
+    """``python train.py`` mode: rank 0's shutdown runs at interpreter exit. Its experience receivers and links,
+    whose workers have exited, must have finished by then, not be left polling the store: a daemon thread inside
+    a store call when the interpreter finalizes aborts the process ("terminate called without an active
+    exception")."""
     script = Path(__file__).parent / "scripts" / "experience_exit.py"
     result = subprocess.run([sys.executable, str(script)], env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=80)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    assert "RECEIVERS_AFTER_SHUTDOWN none" in result.stdout, result.stdout[-2000:]
+    left = re.search(r"^THREADS_AFTER_SHUTDOWN (\S+)$", result.stdout, re.MULTILINE)
+    assert left and set(left.group(1).split(",")) <= {"none", "fws-child-watcher"}, result.stdout[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------- back-pressure

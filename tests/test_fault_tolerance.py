@@ -797,6 +797,8 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     sender.instruct()
     _, err, took = timed(lambda: receiver.receive_weights(timeout))
     assert_timed_out(err, took, limit, "receiving weights failed")
+    sender.close()  # nothing of a pair, its groups or an armed receive, lingers for later tests in this process
+    receiver.close()
 
     # An armed worker that was busy drops an update superseded meanwhile, and the newest one never comes.
     sender = DistributedTransport(
@@ -814,6 +816,9 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     _, err, took = timed(lambda: receiver.receive_weights(0, model=policy))
     assert_timed_out(err, took, limit, "dropped a superseded update")
     assert sender.wait_ack() is False and receiver.version == 0
+    sender.close()
+    receiver.close()
+
     # A sender whose worker never posts its receive.
     _, err, took = timed(lambda: transport(5).wait_ready())
     assert_timed_out(err, took, limit, "post its receive", "NODE_5_ready")

@@ -1,7 +1,8 @@
 """Script mode (``python experience_exit.py`` + ``fabric.launch()``) with experience: two workers send three
 batches each and return, rank 0 trains on them and exits. Printed at rank 0's interpreter exit, after the
-strategy's shutdown: the experience receivers still running (there must be none: a daemon thread inside a
-store call when the interpreter finalizes aborts the process).
+strategy's shutdown: the library's threads still running. Only the launcher's child watcher may be (it makes
+no store call unless a child fails): a daemon thread inside a store call when the interpreter finalizes
+aborts the process, and the experience receivers and links of workers that returned poll the store.
 """
 
 import atexit
@@ -18,10 +19,10 @@ BATCHES_PER_WORKER = 3
 is_trainer = False
 
 
-def report_receivers() -> None:
+def report_threads() -> None:
     if is_trainer:  # registered before the strategy's own exit handler, so it runs after it
-        alive = [t.name for t in threading.enumerate() if t.name.startswith("fws-experience-")]
-        print("RECEIVERS_AFTER_SHUTDOWN", ",".join(alive) or "none", flush=True)
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("fws-")]
+        print("THREADS_AFTER_SHUTDOWN", ",".join(sorted(alive)) or "none", flush=True)
 
 
 def worker(ctx) -> None:
@@ -32,7 +33,7 @@ def worker(ctx) -> None:
 
 
 if __name__ == "__main__":
-    atexit.register(report_receivers)
+    atexit.register(report_threads)
     strategy = WeightSyncStrategy(worker, inference_workers=2, sync_timeout=30, shutdown_timeout=20)
     fabric = Fabric(accelerator="cpu", devices=1, strategy=strategy, callbacks=[WeightSyncCallback()])
     fabric.launch()
