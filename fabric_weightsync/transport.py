@@ -128,8 +128,9 @@ class DistributedTransport:
             transports of several workers (what :class:`~fabric_weightsync.scheme.WeightSyncScheme` does);
             without it the transport creates one buffer of its own when the shared-memory channel is chosen.
         latest_key: sender side: a store key that holds the newest version staged for this worker (an integer,
-            kept by whoever stages); an armed worker that was busy while an update landed checks it before
-            applying, and drops an update superseded meanwhile. Without it, what lands is applied.
+            kept by whoever stages, at least while the worker holds an update it has not answered); an armed
+            worker that was busy while an update landed checks it before applying, and drops an update
+            superseded meanwhile. Without it, what lands is applied.
         flatten_weights: receiver side, for a ``model`` on the CPU made of plain tensors: move its weights into a
             wire buffer once (the ``Parameter`` objects stay the same), so that an update, once in the landing
             buffer (received over a process group, or copied out of shared memory as the sender writes it), is

@@ -3,6 +3,8 @@ push that needs them; and workers that arm their receive, which still apply only
 rollout."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import torch.distributed as dist
 
 from conftest import SCRIPTS_DIR, clean_env
 from fabric_weightsync import WeightSyncScheme
-from fabric_weightsync.control import ControlPlane
+from fabric_weightsync.control import LATEST_KEY, ControlPlane
 
 WORKER = SCRIPTS_DIR / "polling_worker.py"
 
@@ -107,3 +109,43 @@ def test_busy_armed_worker_applies_the_newest_version_not_the_one_that_landed(tm
     assert not stale, f"polls applied a version older than the newest staged before they began: {stale}"
     versions = [poll["version"] for poll in polls]
     assert versions == sorted(versions) and versions[-1] == version
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(90)
+def test_newest_version_reaches_the_store_only_while_a_worker_holds_an_unanswered_update() -> None:
+    """The store write of the newest version (for a busy worker's "was what landed superseded?") is skipped while
+    every gloo link waits for a newer version, where it only slowed the links' sends; a worker that was stopped
+    with an update landed still finds the newer version there, drops what landed and applies the newest."""
+    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    procs = start_workers(1, bootstrap.port)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
+    scheme = WeightSyncScheme(control, 1, transport="gloo", heartbeat_timeout=600)
+    try:
+        scheme.start(model)
+        assert scheme.flush(60), "the worker never connected"
+        for version in range(1, 6):
+            wait_until(lambda: scheme._idle_group_links == 1, 10, "the link waits for a newer version")
+            scheme.push(version)
+            assert scheme.flush(10), f"version {version} was not delivered"
+        wait_until(lambda: scheme._idle_group_links == 1, 10, "the link waits for a newer version")
+        # Read as workers read it (add 0): a worker that asked while nothing was published made it 0.
+        assert control.store.add(LATEST_KEY, 0) == 0, "pushes to a worker whose link was idle wrote the newest version"
+
+        os.kill(procs[0].pid, signal.SIGSTOP)  # it cannot poll: version 6 lands and stays unanswered
+        scheme.push(6)
+        wait_until(lambda: scheme._links[0].transport.version == 6, 10, "the link sent version 6")
+        scheme.push(7)
+        wait_until(lambda: control.store.add(LATEST_KEY, 0) == 7, 10, "version 7 is in the store")
+        os.kill(procs[0].pid, signal.SIGCONT)
+        assert scheme.flush(20) and scheme.workers[0].delivered_version == 7
+    finally:
+        os.kill(procs[0].pid, signal.SIGCONT)
+        stop(control, scheme, procs)
