@@ -2,6 +2,7 @@
 push that needs them; and workers that arm their receive, which still apply only the newest version after a
 rollout."""
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -29,15 +31,28 @@ def start_workers(count: int, boot_port: int, *rollout: str) -> list[subprocess.
     ]
 
 
-def stop(control: ControlPlane, scheme: WeightSyncScheme, procs: list[subprocess.Popen]) -> None:
-    control.request_stop()
-    scheme.close()
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+@contextlib.contextmanager
+def serving(workers: int, *rollout: str) -> Iterator[tuple[ControlPlane, WeightSyncScheme, torch.nn.Module, list[subprocess.Popen]]]:
+    """Rank 0's scheme over gloo with ``workers`` polling_worker.py processes connected; stopped on the way out."""
+    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    procs = start_workers(workers, bootstrap.port, *rollout)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
+    # These workers beat no heartbeat (no run_worker around them): the monitor must not evict them meanwhile.
+    scheme = WeightSyncScheme(control, workers, transport="gloo", heartbeat_timeout=600)
+    try:
+        scheme.start(model)
+        assert scheme.flush(60), "the workers never connected"
+        yield control, scheme, model, procs
+    finally:
+        control.request_stop()
+        scheme.close()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def voluntary_switches(native_id: int) -> int:
@@ -48,19 +63,18 @@ def voluntary_switches(native_id: int) -> int:
     raise AssertionError("no voluntary_ctxt_switches line")
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads per-thread counters from /proc")
 def test_idle_links_sleep_until_a_push_wakes_them() -> None:
     workers = 2
-    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    procs = start_workers(workers, bootstrap.port)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
-    # These workers beat no heartbeat (no run_worker around them): the monitor must not evict them meanwhile.
-    scheme = WeightSyncScheme(control, workers, transport="gloo", heartbeat_timeout=600)
-    try:
-        scheme.start(model)
-        assert scheme.flush(60), "the workers never connected"
+    with serving(workers) as (control, scheme, model, procs):
         links = [link.native_id for link in scheme._links]
         before = [voluntary_switches(tid) for tid in links]
         time.sleep(0.5)
@@ -74,25 +88,16 @@ def test_idle_links_sleep_until_a_push_wakes_them() -> None:
             scheme.push(version)
             assert scheme.flush(10), f"version {version} was not delivered: {[w.delivered_version for w in scheme.workers]}"
         assert [w.delivered_version for w in scheme.workers] == [20] * workers
-    finally:
-        stop(control, scheme, procs)
 
 
 @pytest.mark.timeout(90)
 def test_busy_armed_worker_applies_the_newest_version_not_the_one_that_landed(tmp_path) -> None:
     """A gloo worker arms its receive after each update, so the next one lands during its rollout; versions
     pushed after that one supersede it, and the poll after the rollout must apply the newest, not what landed."""
-    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     record = tmp_path / "polls.json"
     # 150 ms rollouts: far longer than fetching the newest 0.3 MB takes even on a loaded machine, so the worker
     # must ask after every one of them.
-    procs = start_workers(1, bootstrap.port, "0.15", str(record))
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
-    scheme = WeightSyncScheme(control, 1, transport="gloo", heartbeat_timeout=600)
-    try:
-        scheme.start(model)
-        assert scheme.flush(60), "the worker never connected"
+    with serving(1, "0.15", str(record)) as (control, scheme, model, procs):
         version = 0
         deadline = time.monotonic() + 2.5
         while time.monotonic() < deadline:  # a push every 2 ms: about 75 per rollout
@@ -100,8 +105,6 @@ def test_busy_armed_worker_applies_the_newest_version_not_the_one_that_landed(tm
             scheme.push(version)
             time.sleep(0.002)
         assert scheme.flush(10) and scheme.workers[0].delivered_version == version
-    finally:
-        stop(control, scheme, procs)
     polls = json.loads(record.read_text())
     applied = [poll for poll in polls if poll["applied"]]
     assert len(applied) >= 8, polls
@@ -111,41 +114,27 @@ def test_busy_armed_worker_applies_the_newest_version_not_the_one_that_landed(tm
     assert versions == sorted(versions) and versions[-1] == version
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.005)
-
-
 @pytest.mark.timeout(90)
 def test_newest_version_reaches_the_store_only_while_a_worker_holds_an_unanswered_update() -> None:
     """The store write of the newest version (for a busy worker's "was what landed superseded?") is skipped while
     every gloo link waits for a newer version, where it only slowed the links' sends; a worker that was stopped
     with an update landed still finds the newer version there, drops what landed and applies the newest."""
-    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    procs = start_workers(1, bootstrap.port)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
-    scheme = WeightSyncScheme(control, 1, transport="gloo", heartbeat_timeout=600)
-    try:
-        scheme.start(model)
-        assert scheme.flush(60), "the worker never connected"
-        for version in range(1, 6):
+    with serving(1) as (control, scheme, model, procs):
+        try:
+            for version in range(1, 6):
+                wait_until(lambda: scheme._idle_group_links == 1, 10, "the link waits for a newer version")
+                scheme.push(version)
+                assert scheme.flush(10), f"version {version} was not delivered"
             wait_until(lambda: scheme._idle_group_links == 1, 10, "the link waits for a newer version")
-            scheme.push(version)
-            assert scheme.flush(10), f"version {version} was not delivered"
-        wait_until(lambda: scheme._idle_group_links == 1, 10, "the link waits for a newer version")
-        # Read as workers read it (add 0): a worker that asked while nothing was published made it 0.
-        assert control.store.add(LATEST_KEY, 0) == 0, "pushes to a worker whose link was idle wrote the newest version"
+            # Read as workers read it (add 0): a worker that asked while nothing was published made it 0.
+            assert control.store.add(LATEST_KEY, 0) == 0, "pushes to a worker whose link was idle wrote the newest version"
 
-        os.kill(procs[0].pid, signal.SIGSTOP)  # it cannot poll: version 6 lands and stays unanswered
-        scheme.push(6)
-        wait_until(lambda: scheme._links[0].transport.version == 6, 10, "the link sent version 6")
-        scheme.push(7)
-        wait_until(lambda: control.store.add(LATEST_KEY, 0) == 7, 10, "version 7 is in the store")
-        os.kill(procs[0].pid, signal.SIGCONT)
-        assert scheme.flush(20) and scheme.workers[0].delivered_version == 7
-    finally:
-        os.kill(procs[0].pid, signal.SIGCONT)
-        stop(control, scheme, procs)
+            os.kill(procs[0].pid, signal.SIGSTOP)  # it cannot poll: version 6 lands and stays unanswered
+            scheme.push(6)
+            wait_until(lambda: scheme._links[0].transport.version == 6, 10, "the link sent version 6")
+            scheme.push(7)
+            wait_until(lambda: control.store.add(LATEST_KEY, 0) == 7, 10, "version 7 is in the store")
+            os.kill(procs[0].pid, signal.SIGCONT)
+            assert scheme.flush(20) and scheme.workers[0].delivered_version == 7
+        finally:
+            os.kill(procs[0].pid, signal.SIGCONT)
