@@ -3,17 +3,14 @@
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 
 from fabric_weightsync.callbacks import WeightSyncCallback
-from fabric_weightsync.experience import (
-    ExperienceBatch,
-    ExperienceError,
-    ExperienceSchemaError,
-    ExperienceStream,
-    ExperienceTimeout,
-)
-from fabric_weightsync.scheme import WeightSyncScheme, WorkerFailedError
+from fabric_weightsync.experience import ExperienceBatch, ExperienceError, ExperienceSchemaError, ExperienceTimeout
+from fabric_weightsync.experience_stream import ExperienceStream
+from fabric_weightsync.health import WorkerFailedError
+from fabric_weightsync.scheme import WeightSyncScheme
 from fabric_weightsync.strategy import WeightSyncStrategy
 from fabric_weightsync.transport import DistributedTransport, TransportError
-from fabric_weightsync.weights import SchemaMismatchError, WeightSchema, WeightStrategy
+from fabric_weightsync.weights import SchemaMismatchError, WeightSchema, WeightStrategy, make_wire_buffer
+from fabric_weightsync.wire import WireBuffer
 from fabric_weightsync.worker import WeightReceiver, WorkerContext
 
 WeightSyncStrategy.register_strategies(STRATEGY_REGISTRY)
@@ -33,6 +30,8 @@ __all__ = [
     "WeightSyncCallback",
     "WeightSyncScheme",
     "WeightSyncStrategy",
+    "WireBuffer",
     "WorkerContext",
     "WorkerFailedError",
+    "make_wire_buffer",
 ]

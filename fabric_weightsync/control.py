@@ -5,9 +5,8 @@ interface of ``MASTER_ADDR`` (loopback on a single host), and publishes ``host:p
 :data:`BOOTSTRAP_KEY` in the store that already listens on ``MASTER_ADDR:MASTER_PORT`` in every launch mode
 (the trainers' rendezvous store, or torchrun's agent store). Workers read it from there.
 
-What the store holds: instruction/ack/ready/schema keys per worker (see :mod:`~fabric_weightsync.transport`),
-heartbeat counters, the newest version staged, the stop flag and error reports. No weights and nothing pickled go through it, but anyone
-who can reach the port can read and write those keys: run multi-host jobs on a trusted network.
+What the store holds is listed in :mod:`~fabric_weightsync.protocol`. No weights and nothing pickled go through it,
+but anyone who can reach the port can read and write those keys: run multi-host jobs on a trusted network.
 """
 
 import ipaddress
@@ -17,28 +16,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-BOOTSTRAP_KEY = "fabric_weightsync/control"
-STOP_KEY = "fws/stop"
-LATEST_KEY = "fws/latest"
-"""The newest version training rank 0 has staged (an integer), kept while workers are served over a process group."""
-
-
-def heartbeat_key(rank: int) -> str:
-    return f"NODE_{rank}_hb"
-
-
-def error_key(rank: int) -> str:
-    return f"NODE_{rank}_error"
-
-
-def exit_key(rank: int) -> str:
-    return f"NODE_{rank}_exit"
-
-
-def evicted_key(rank: int) -> str:
-    """Set by rank 0 when it gives up on a worker that may still be alive; the worker then reconnects."""
-    return f"NODE_{rank}_evicted"
-
+from fabric_weightsync.protocol import BOOTSTRAP_KEY, STOP_KEY
 
 def open_client(host: str, port: int, timeout: float) -> dist.TCPStore:
     """A new client connection; retries connecting until ``timeout`` (the server may not be up yet)."""

@@ -7,41 +7,39 @@ storage with exactly the wire buffer's layout (``p.data = slice``: the ``Paramet
 optimizer's and DDP's references to them, stay the same), after which a push copies one contiguous byte range.
 
 On a worker the same move makes the policy's storage a wire buffer itself: an update received into a private
-landing buffer is applied by pointing the tensors at it (:meth:`FlatWeights.swap`, about 0.3 us per tensor
-instead of a copy of every byte), and the policy's former storage becomes the next landing buffer.
+landing buffer is applied by pointing the tensors at it (:meth:`FlatWeights.swap`, no byte copied), and the
+policy's former storage becomes the next landing buffer.
 
 Only plain tensors are moved: strided, contiguous, owning their whole storage, not shared with another process
 and all on one device. Anything else (a view of another tensor, a channels-last weight, a tensor subclass, a
-``share_memory()`` module) keeps its memory and the scheme copies tensor by tensor, as before.
+``share_memory()`` module) keeps its memory and is copied tensor by tensor.
 """
 
 import ctypes
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict
 from torch import nn
 
-from fabric_weightsync.weights import WEIGHTS_KEY, LayoutProbe, WeightSchema, weights_offset, wire_nbytes, wire_storage, wire_views
+from fabric_weightsync.weights import LayoutProbe, WeightSchema, WeightStrategy, named_weights, unwrap
+from fabric_weightsync.wire import WireBuffer
+
+STREAM_CHUNK_BYTES = 4 << 20
+"""Chunk of a reported staging copy: a reader copying behind the writer trails it by about one chunk."""
 
 
 class FlatWeights:
     """``module``'s weights living in one wire-layout storage; :meth:`stage_into` copies them in one go."""
 
-    def __init__(self, module: nn.Module, schema: WeightSchema, wire: TensorDictBase, sources: list[torch.Tensor]) -> None:
+    def __init__(self, module: nn.Module, schema: WeightSchema, wire: WireBuffer, sources: list[torch.Tensor]) -> None:
         self.wire = wire
         """The wire buffer whose storage the weights live in (its header is not theirs)."""
         self._sources = sources
-        self._span = slice(weights_offset(), wire_storage(wire).numel())
-        self._weights_bytes = wire_storage(wire)[self._span]
-        self._layouts: dict[int, _Layout] = {}
-        self._chunk_lists: dict[int, tuple[TensorDictBase, list[tuple[torch.Tensor, torch.Tensor, int]]]] = {}
+        self._addresses: dict[int, tuple[WireBuffer, list[int]]] = {}
+        self._chunk_lists: dict[int, tuple[WireBuffer, list[tuple[torch.Tensor, torch.Tensor, int]]]] = {}
         self.probe = LayoutProbe(module, schema, sources, pin_addresses=True)
-        """Whether every weight still is the same tensor at its place in :attr:`wire` (a few us per push)."""
-
-    @property
-    def storage(self) -> torch.Tensor:
-        return wire_storage(self.wire)
+        """Whether every weight still is the same tensor at its place in :attr:`wire` (checked at every push)."""
 
     @classmethod
     def adopt(cls, module: nn.Module, schema: WeightSchema, sources: list[torch.Tensor]) -> Optional["FlatWeights"]:
@@ -57,94 +55,118 @@ class FlatWeights:
             return cls(module, schema, wire, sources)
         if not all(map(_is_plain, sources)):
             return None
-        storage = torch.empty(wire_nbytes(schema), dtype=torch.uint8, device=sources[0].device)
-        storage[: weights_offset()].zero_()
-        wire = wire_views(schema, storage)
+        wire = WireBuffer.allocate(schema.layout, sources[0].device)
         with torch.no_grad():
-            for tensor, view in zip(sources, wire[WEIGHTS_KEY].values()):
+            for tensor, view in zip(sources, wire.tensors):
                 view.copy_(tensor)
                 tensor.data = view
-        if storage.device.type == "cpu":
+        if wire.storage.device.type == "cpu":
             _trim_heap()
         return cls(module, schema, wire, sources)
 
     @property
     def streams(self) -> bool:
         """Whether :meth:`stage_into` can report progress: host weights of more than one chunk."""
-        return self.storage.device.type == "cpu" and self._weights_bytes.numel() > STREAM_CHUNK_BYTES
+        return self.wire.storage.device.type == "cpu" and self.wire.data.numel() > STREAM_CHUNK_BYTES
 
-    def stage_into(self, wire: TensorDictBase, report: Optional[Callable[[int], None]] = None) -> None:
+    def stage_into(self, wire: WireBuffer, report: Optional[Callable[[int], None]] = None) -> None:
         """Copy every weight into ``wire`` (a wire buffer of the same schema) as one contiguous copy.
 
         With ``report``, the copy goes in chunks of :data:`STREAM_CHUNK_BYTES` and ``report(end)`` follows each
-        one: the first ``end`` bytes of ``wire``'s storage are then written (about 3 us per 4 MB chunk).
+        one: the first ``end`` bytes of ``wire``'s storage are then written.
         """
         if report is None:
-            self._weights_of(wire).copy_(self._weights_bytes)  # raw bytes, outside autograd: no no_grad() needed
+            wire.data.copy_(self.wire.data)  # raw bytes, outside autograd: no no_grad() needed
             return
         for destination, source, end in self._chunks_of(wire):
             destination.copy_(source)
             report(end)
 
-    def swap(self, landed: TensorDictBase) -> TensorDictBase:
+    def swap(self, landed: WireBuffer) -> WireBuffer:
         """Point every weight at its slice of ``landed`` (same schema, same device); returns the former wire.
 
-        No byte is copied, and the tensors stay the same objects. Nothing may hold the former wire's memory
-        for the weights' sake afterwards: it is free to be written, typically by the next update.
+        No byte is copied, and the tensors stay the same objects. Nothing may hold the former wire's memory for
+        the weights' sake afterwards: it is free to be written, typically by the next update.
         """
-        layout = self._layout_of(landed)
-        list(map(_set_data, self._sources, layout.views))
-        former, self.wire, self._weights_bytes = self.wire, landed, layout.weights_bytes
-        self.probe.addresses = layout.addresses
+        list(map(_set_data, self._sources, landed.tensors))
+        former, self.wire = self.wire, landed
+        self.probe.addresses = self._addresses_of(landed)
         return former
 
-    def _chunks_of(self, wire: TensorDictBase) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    def _addresses_of(self, wire: WireBuffer) -> list[int]:
+        cached = self._addresses.get(id(wire))  # buffers are few and long-lived: read each one's once
+        if cached is None or cached[0] is not wire:
+            cached = self._addresses[id(wire)] = (wire, list(map(torch.Tensor.data_ptr, wire.tensors)))
+        return cached[1]
+
+    def _chunks_of(self, wire: WireBuffer) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """(destination, source, end offset in the storage) per chunk of ``wire``'s weights, sliced once."""
         cached = self._chunk_lists.get(id(wire))
         if cached is None or cached[0] is not wire:
-            destination, start = self._weights_of(wire), self._span.start
+            destination, source, start = wire.data, self.wire.data, wire.layout.data_offset
+            step = STREAM_CHUNK_BYTES
             chunks = [
-                (destination[at : at + STREAM_CHUNK_BYTES], self._weights_bytes[at : at + STREAM_CHUNK_BYTES], start + min(at + STREAM_CHUNK_BYTES, destination.numel()))
-                for at in range(0, destination.numel(), STREAM_CHUNK_BYTES)
+                (destination[at : at + step], source[at : at + step], start + min(at + step, destination.numel()))
+                for at in range(0, destination.numel(), step)
             ]
             cached = self._chunk_lists[id(wire)] = (wire, chunks)
         return cached[1]
 
-    def _weights_of(self, wire: TensorDictBase) -> torch.Tensor:
-        return self._layout_of(wire).weights_bytes
 
-    def _layout_of(self, wire: TensorDictBase) -> "_Layout":
-        """What a push or a swap needs of ``wire``, read once per buffer (buffers are few and long-lived): tensor
-        indexing and ``data_ptr`` calls cost a few us per push otherwise."""
-        cached = self._layouts.get(id(wire))
-        if cached is None or cached.wire is not wire:
-            views = list(wire[WEIGHTS_KEY].values())
-            cached = _Layout(wire, wire_storage(wire)[self._span], views, list(map(torch.Tensor.data_ptr, views)))
-            self._layouts[id(wire)] = cached
-        return cached
+class ModuleTargets:
+    """A worker's module as the destination of updates: its tensors in schema order, re-read only when its layout
+    changed.
 
+    With ``flatten``, a CPU policy of plain tensors is moved into a wire buffer of its own once (:class:`FlatWeights`):
+    an update that landed in the transport's private buffer is then applied by a swap of storage, not a copy.
+    """
 
-class _Layout(NamedTuple):
-    wire: TensorDictBase
-    weights_bytes: torch.Tensor
-    """The weights' byte range of the wire's storage (its header excluded)."""
-    views: list[torch.Tensor]
-    """The weights' views in schema order."""
-    addresses: list[int]
+    def __init__(self, flatten: bool) -> None:
+        self._flatten = flatten
+        self._model: Optional[nn.Module] = None
+        self._tensors: list[torch.Tensor] = []
+        self._probe: Optional[LayoutProbe] = None
+        self._flat: Optional[FlatWeights] = None
+        self.weights: Optional[TensorDict] = None
+        """The module's own tensors by name: what a receive into the module returns."""
+
+    def bind(self, model: nn.Module, wire: WireBuffer, schema: WeightSchema) -> bool:
+        """Follow ``model``'s current layout; returns whether an update that landed in a private buffer like ``wire``
+        is applied by taking that buffer over (a swap) rather than by a copy."""
+        if model is not self._model or not self._probe.unchanged():
+            self._bind(model, wire, schema)
+        return self._flat is not None and wire.storage.is_cpu  # flat weights are host weights
+
+    def apply(self, source: WireBuffer, swap: bool) -> Optional[WireBuffer]:
+        """Write ``source``'s weights into the module last bound; with ``swap`` (``source`` landed privately), take
+        its storage over and return the former one, the buffer to land the next update in."""
+        if swap:
+            return self._flat.swap(source)
+        with torch.no_grad():
+            torch._foreach_copy_(self._tensors, source.tensors)
+        return None
+
+    def _bind(self, model: nn.Module, source: WireBuffer, schema: WeightSchema) -> None:
+        module = unwrap(model)
+        targets = named_weights(module)
+        names = [name for name, _, _ in schema.entries]
+        if len(targets) != len(names) or any(name not in targets for name in names):
+            WeightStrategy().apply_weights(model, source)  # raises the precise mismatch
+        self._model, self._tensors = model, [targets[name] for name in names]
+        self.weights = TensorDict(dict(zip(names, self._tensors)))
+        on_cpu = all(tensor.device.type == "cpu" for tensor in self._tensors)
+        self._flat = FlatWeights.adopt(module, schema, self._tensors) if self._flatten and on_cpu else None
+        self._probe = self._flat.probe if self._flat is not None else LayoutProbe(module, schema, self._tensors)
 
 
 _set_data = torch.Tensor.data.__set__
-
-STREAM_CHUNK_BYTES = 4 << 20
-"""Chunk of a reported staging copy: a reader copying behind the writer trails it by about one chunk."""
 
 
 def _trim_heap() -> None:
     """Give the old per-tensor allocations back to the OS (glibc keeps freed heap chunks otherwise).
 
-    Tensors of a few hundred KB often come from the heap rather than their own mapping (glibc raises its mmap
-    threshold once a big block was freed), so without this the process's RSS would still count the weights'
-    old copy, although later allocations (the optimizer's state) would reuse that memory.
+    Tensors of a few hundred KB often come from the heap rather than their own mapping, so without this the
+    process's RSS would still count the weights' old copy, although later allocations would reuse that memory.
     """
     try:
         ctypes.CDLL(None).malloc_trim(0)
@@ -152,15 +174,15 @@ def _trim_heap() -> None:
         pass
 
 
-def _wire_holding(schema: WeightSchema, sources: list[torch.Tensor]) -> Optional[TensorDictBase]:
+def _wire_holding(schema: WeightSchema, sources: list[torch.Tensor]) -> Optional[WireBuffer]:
     """The wire buffer laid over the one storage ``sources`` already occupy at their wire places, if they do."""
     storage = sources[0].untyped_storage()
-    if storage.nbytes() != wire_nbytes(schema) or any(type(t.data) is not torch.Tensor for t in sources):
+    if storage.nbytes() != schema.layout.nbytes or any(type(t.data) is not torch.Tensor for t in sources):
         return None
-    wire = wire_views(schema, torch.empty(0, dtype=torch.uint8, device=sources[0].device).set_(storage))
+    wire = WireBuffer(schema.layout, torch.empty(0, dtype=torch.uint8, device=sources[0].device).set_(storage))
     placed = all(
         t.data_ptr() == v.data_ptr() and t.dtype == v.dtype and t.shape == v.shape and t.stride() == v.stride()
-        for t, v in zip(sources, wire[WEIGHTS_KEY].values())
+        for t, v in zip(sources, wire.tensors)
     )
     return wire if placed else None
 

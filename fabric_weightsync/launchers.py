@@ -1,19 +1,20 @@
 """Launchers that start ``devices + inference_workers`` processes per node and route each to its role.
 
-Workers reach :meth:`WeightSyncStrategy.run_worker_process` instead of the user's training code: in script
-mode they stop inside ``fabric.launch()`` and exit there; in spawn mode they never call the user's function.
+Workers run :meth:`~fabric_weightsync.worker.WorkerSpec.run` instead of the user's training code: in script mode
+they stop inside ``fabric.launch()`` and exit there; in spawn mode they never call the user's function.
 """
 
-import atexit
 import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.fabric.strategies import ParallelStrategy
 from lightning.fabric.strategies.launchers.launcher import _Launcher
 from lightning.fabric.strategies.launchers.multiprocessing import (
     _check_bad_cuda_fork,
@@ -25,25 +26,26 @@ from lightning.fabric.strategies.launchers.subprocess_script import _basic_subpr
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from typing_extensions import override
 
-if TYPE_CHECKING:
-    from fabric_weightsync.strategy import WeightSyncStrategy
+from fabric_weightsync.worker import WorkerSpec
 
 
 class TrainingCrash:
-    """Remembers that the training code raised: shutdown skips the final delivery, launchers stop waiting."""
+    """Whether the training code of this process raised: shutdown then skips the final delivery and launchers
+    stop waiting for training children (they may be blocked in a collective with the dead rank)."""
 
-    crashed = False
-    _installed = False
+    def __init__(self) -> None:
+        self.crashed = False
+        self._installed = False
 
-    @classmethod
-    def install(cls) -> None:
-        if cls._installed:
+    def install(self) -> None:
+        """Also count an exception that reaches the interpreter's top level (script mode: after ``launch()``)."""
+        if self._installed:
             return
-        cls._installed = True
+        self._installed = True
         previous = sys.excepthook
 
         def hook(*exc_info: Any) -> None:
-            cls.crashed = True
+            self.crashed = True
             previous(*exc_info)
 
         sys.excepthook = hook
@@ -58,8 +60,11 @@ class WeightSyncScriptLauncher(_Launcher):
     processes already exist and each one just takes its role.
     """
 
-    def __init__(self, strategy: "WeightSyncStrategy") -> None:
-        self.strategy = strategy
+    def __init__(self, cluster_environment: ClusterEnvironment, worker: WorkerSpec, shutdown_timeout: float, crash: TrainingCrash) -> None:
+        self.cluster_environment = cluster_environment
+        self.worker = worker
+        self.shutdown_timeout = shutdown_timeout
+        self.crash = crash
         self.children: dict[int, subprocess.Popen] = {}
 
     @property
@@ -69,19 +74,17 @@ class WeightSyncScriptLauncher(_Launcher):
 
     @override
     def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
-        env = self.strategy.cluster_environment
-        layout = self.strategy.layout
+        env, layout = self.cluster_environment, self.worker.layout
         env.validate_settings(num_devices=layout.processes_per_node, num_nodes=layout.num_nodes)
         if not env.creates_processes_externally:
             self._start_children()
         if layout.is_worker(env.local_rank()):
-            sys.exit(self.strategy.run_worker_process())
+            sys.exit(self.worker.run(env.main_address, env.main_port, env.node_rank(), env.local_rank()))
         _set_num_threads_if_needed(num_processes=layout.processes_per_node)
         return function(*args, **kwargs)
 
     def _start_children(self) -> None:
-        env = self.strategy.cluster_environment
-        layout = self.strategy.layout
+        env, layout = self.cluster_environment, self.worker.layout
         os.environ["MASTER_ADDR"] = env.main_address
         os.environ["MASTER_PORT"] = str(env.main_port)
         os.environ["NODE_RANK"] = str(env.node_rank())
@@ -93,10 +96,8 @@ class WeightSyncScriptLauncher(_Launcher):
             # Unlike Fabric's launcher, children die with this process: a dead rank 0 ends the run anyway,
             # and orphans would hang in collectives or wait for weights that never come.
             self.children[local_rank] = subprocess.Popen(command, env=child_env, cwd=cwd, preexec_fn=_die_with_parent)
-        _ChildWatcher(self.strategy, self.children).start()
-        TrainingCrash.install()
-        # Registered before rank 0's shutdown hook, so it runs after it (atexit is last-in, first-out).
-        atexit.register(self.join_children)
+        _ChildWatcher(self.cluster_environment, self.worker, self.children).start()
+        self.crash.install()
 
     def join_children(self) -> None:
         """At exit: wait for this node's training children, then give workers ``shutdown_timeout`` to stop.
@@ -104,8 +105,8 @@ class WeightSyncScriptLauncher(_Launcher):
         The children die with this process (``PR_SET_PDEATHSIG``), so it must not exit before them: training
         ranks may still be finishing, and workers still taking the final version from rank 0.
         """
-        layout = self.strategy.layout
-        if TrainingCrash.crashed:  # training children may be blocked in a collective with this dead rank
+        layout = self.worker.layout
+        if self.crash.crashed:  # training children may be blocked in a collective with this dead rank
             _join_or_kill(list(self.children.values()), 0.0, wait=lambda proc, t: proc.wait(t))
             return
         for rank, proc in self.children.items():
@@ -113,7 +114,7 @@ class WeightSyncScriptLauncher(_Launcher):
                 proc.wait()
         _join_or_kill(
             [proc for rank, proc in self.children.items() if layout.is_worker(rank)],
-            self.strategy.shutdown_timeout,
+            self.shutdown_timeout,
             wait=lambda proc, t: proc.wait(t),
         )
 
@@ -126,9 +127,18 @@ class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
     tearing the whole process group down.
     """
 
-    def __init__(self, strategy: "WeightSyncStrategy", start_method: str) -> None:
+    def __init__(
+        self,
+        strategy: ParallelStrategy,
+        start_method: str,
+        worker: WorkerSpec,
+        shutdown_timeout: float,
+        wrap_training: Callable[[Callable], Callable],
+    ) -> None:
         super().__init__(strategy, start_method=start_method)
-        self.strategy = strategy
+        self.worker = worker
+        self.shutdown_timeout = shutdown_timeout
+        self.wrap_training = wrap_training
 
     @override
     def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -136,26 +146,27 @@ class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
             _check_bad_cuda_fork()
         if self._start_method == "spawn":
             _check_missing_main_guard()
-        env = self.strategy.cluster_environment
+        env = self._strategy.cluster_environment
         os.environ["MASTER_ADDR"] = env.main_address
         os.environ["MASTER_PORT"] = str(env.main_port)
         context = mp.get_context(self._start_method)
-        layout = self.strategy.layout
+        layout = self.worker.layout
         states = _GlobalStateSnapshot.capture() if self._start_method == "spawn" else None
+        where = (env.main_address, env.main_port, env.node_rank())
         workers = [
-            context.Process(target=_spawned_worker, args=(self.strategy, local_rank, states), daemon=False)
+            context.Process(target=_spawned_worker, args=(self.worker, where, local_rank, states), daemon=False)
             for local_rank in range(layout.devices, layout.processes_per_node)
         ]
         for proc in workers:
             proc.start()
-        watcher = _ChildWatcher(self.strategy, dict(zip(range(layout.devices, layout.processes_per_node), workers)))
+        watcher = _ChildWatcher(env, self.worker, dict(zip(range(layout.devices, layout.processes_per_node), workers)))
         watcher.start()
         return_queue = context.SimpleQueue()
         process_args = [function, args, kwargs, return_queue] + ([states] if states else [])
         grace = 0.0  # training failed: workers have no one left to serve
         try:
             mp.start_processes(self._wrapping_function, args=process_args, nprocs=layout.devices, start_method=self._start_method)
-            grace = self.strategy.shutdown_timeout
+            grace = self.shutdown_timeout
         finally:
             watcher.stop()
             _join_or_kill(workers, grace, wait=lambda proc, t: proc.join(t))
@@ -163,15 +174,16 @@ class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
 
     @override
     def _wrapping_function(self, process_idx: int, function: Callable, *rest: Any) -> None:
-        super()._wrapping_function(process_idx, self.strategy.with_shutdown(function), *rest)
+        super()._wrapping_function(process_idx, self.wrap_training(function), *rest)
 
 
-def _spawned_worker(strategy: "WeightSyncStrategy", local_rank: int, states: Optional[_GlobalStateSnapshot]) -> None:
+def _spawned_worker(worker: WorkerSpec, where: tuple[str, int, int], local_rank: int, states: Optional[_GlobalStateSnapshot]) -> None:
     _die_with_parent()
     if states is not None:
         states.restore()
     os.environ["LOCAL_RANK"] = str(local_rank)
-    code = strategy.run_worker_process()
+    main_address, main_port, node_rank = where
+    code = worker.run(main_address, main_port, node_rank, local_rank)
     if code:
         sys.exit(code)
 
@@ -179,9 +191,10 @@ def _spawned_worker(strategy: "WeightSyncStrategy", local_rank: int, states: Opt
 class _ChildWatcher(threading.Thread):
     """Reports this node's dead worker children to rank 0 at once; a dead trainer child ends the run (as Fabric)."""
 
-    def __init__(self, strategy: "WeightSyncStrategy", children: dict, period: float = 0.2) -> None:
+    def __init__(self, env: ClusterEnvironment, worker: WorkerSpec, children: dict, period: float = 0.2) -> None:
         super().__init__(name="fws-child-watcher", daemon=True)
-        self.strategy = strategy
+        self.env = env
+        self.worker = worker
         self.children = children
         self.period = period
         self._stopped = threading.Event()
@@ -197,8 +210,9 @@ class _ChildWatcher(threading.Thread):
                 if code is None or code == 0 or local_rank in reported:
                     continue
                 reported.add(local_rank)
-                if self.strategy.layout.is_worker(local_rank):
-                    self.strategy.report_worker_exit(local_rank, code)
+                if self.worker.layout.is_worker(local_rank):
+                    env = self.env
+                    self.worker.report_exit(env.main_address, env.main_port, env.node_rank(), local_rank, code)
                 else:
                     self._terminate_all()
 

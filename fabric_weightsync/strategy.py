@@ -2,13 +2,12 @@
 
 import atexit
 import functools
-import logging
 import importlib
+import logging
 import os
 import sys
-import traceback
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from lightning.fabric.strategies import DDPStrategy
@@ -17,15 +16,15 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from fabric_weightsync.control import ControlPlane, exit_key
+from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout, TrainingWorldEnvironment
+from fabric_weightsync.experience_stream import ExperienceStream
+from fabric_weightsync.health import FAILURE_POLICIES, FailurePolicy, WorkerFailedError
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
-from fabric_weightsync.scheme import FailurePolicy, WeightSyncScheme, WorkerFailedError, split_transport
+from fabric_weightsync.protocol import worker_keys
+from fabric_weightsync.scheme import TRANSPORTS, WeightSyncScheme, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
-from fabric_weightsync.worker import WorkerContext, run_worker
-
-if TYPE_CHECKING:
-    from fabric_weightsync.experience import ExperienceStream
+from fabric_weightsync.worker import WorkerContext, WorkerSpec
 
 WorkerFn = Callable[[WorkerContext], Any]
 
@@ -34,6 +33,7 @@ EXPERIENCE_CLOSE_S = 2.0
 
 WORKER_FN_ENV = "FABRIC_WEIGHTSYNC_WORKER_FN"
 WORKERS_ENV = "FABRIC_WEIGHTSYNC_INFERENCE_WORKERS"
+START_METHODS = ("popen", "spawn", "fork", "forkserver")
 
 
 class WeightSyncStrategy(DDPStrategy):
@@ -92,15 +92,20 @@ class WeightSyncStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        super().__init__(start_method=start_method, **ddp_kwargs)
         worker_fn = worker_fn if worker_fn is not None else os.environ.get(WORKER_FN_ENV)
         if worker_fn is None:
             raise ValueError(f"WeightSyncStrategy needs a worker_fn (or {WORKER_FN_ENV}='package.module:function')")
         if inference_workers is None:
             inference_workers = int(os.environ.get(WORKERS_ENV, "1"))
-        if inference_workers < 1:
-            raise ValueError(f"inference_workers must be at least 1, got {inference_workers}")
+        _check_choice("transport", transport, tuple(TRANSPORTS))
+        _check_choice("on_worker_failure", on_worker_failure, FAILURE_POLICIES)
+        _check_choice("start_method", start_method, START_METHODS)
+        if isinstance(inference_workers, bool) or not isinstance(inference_workers, int) or inference_workers < 1:
+            raise ValueError(f"inference_workers must be an integer of at least 1, got {inference_workers!r}")
         self.worker_fn = _import_worker_fn(worker_fn) if isinstance(worker_fn, str) else worker_fn
+        if not callable(self.worker_fn):
+            raise TypeError(f"worker_fn must be a function taking a WorkerContext (or 'module:function'), got {worker_fn!r}")
+        super().__init__(start_method=start_method, **ddp_kwargs)
         self.inference_workers = inference_workers
         self.transport = transport
         self.worker_device = torch.device(worker_device)
@@ -110,10 +115,12 @@ class WeightSyncStrategy(DDPStrategy):
         self.shutdown_timeout = shutdown_timeout
         self.checksum = checksum
         self.flatten_weights = flatten_weights
+        self.crash = TrainingCrash()
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
-        self._experience: Optional["ExperienceStream"] = None
+        self._experience: Optional[ExperienceStream] = None
         self._shut_down = False
+        self._exit_hooked = False
         self.policy_version = 0
         """Optimizer steps taken so far on this training rank (kept by :class:`WeightSyncCallback`)."""
 
@@ -126,6 +133,11 @@ class WeightSyncStrategy(DDPStrategy):
         """The sender side on training rank 0 (``None`` on other ranks and before ``fabric.setup``)."""
         return self._scheme
 
+    def worker_spec(self) -> WorkerSpec:
+        """What launchers need to run this node's workers."""
+        backend = split_transport(self.transport)[0]
+        return WorkerSpec(self.worker_fn, self.layout, backend, self.sync_timeout, self.worker_device)
+
     # ------------------------------------------------------------------ launching
     @override
     def _configure_launcher(self) -> None:
@@ -133,9 +145,9 @@ class WeightSyncStrategy(DDPStrategy):
         if not isinstance(self.cluster_environment, TrainingWorldEnvironment):
             self.cluster_environment = TrainingWorldEnvironment(self.cluster_environment, self.layout)
         if self._start_method == "popen":
-            self._launcher = WeightSyncScriptLauncher(self)
+            self._launcher = WeightSyncScriptLauncher(self.cluster_environment, self.worker_spec(), self.shutdown_timeout, self.crash)
         else:
-            self._launcher = WeightSyncSpawnLauncher(self, self._start_method)
+            self._launcher = WeightSyncSpawnLauncher(self, self._start_method, self.worker_spec(), self.shutdown_timeout, self.with_shutdown)
 
     @override
     def setup_environment(self) -> None:
@@ -152,8 +164,10 @@ class WeightSyncStrategy(DDPStrategy):
                 checksum=self.checksum,
                 flatten_weights=self.flatten_weights,
             )
-            TrainingCrash.install()
-            atexit.register(self._shutdown_at_exit)
+            self.crash.install()
+        if not self._exit_hooked:  # one hook, whose steps run in a fixed order (see _at_exit)
+            self._exit_hooked = True
+            atexit.register(self._at_exit)
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -169,17 +183,24 @@ class WeightSyncStrategy(DDPStrategy):
                 raise RuntimeError("sync_module() must be called before the first fabric.setup() of a module")
             self._scheme.start(module)
 
-    def experience(self, **kwargs: Any) -> "ExperienceStream":
+    def experience(self, **kwargs: Any) -> ExperienceStream:
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).
 
-        Created on first call with ``kwargs``; later calls return the same stream.
+        Created on first call with ``kwargs`` (``capacity``, ``max_staleness``, ``timeout``); later calls return
+        the same stream.
         """
-        from fabric_weightsync.experience import ExperienceStream
-
         if self._experience is None:
-            self._experience = ExperienceStream(self, **kwargs)
-            if self.global_rank != 0:  # rank 0 closes it in shutdown(), once its workers have exited
-                atexit.register(self._close_experience)
+            layout = self.layout
+            self._experience = ExperienceStream(
+                rank=self.global_rank,
+                num_training_ranks=layout.devices * layout.num_nodes,
+                num_workers=layout.num_workers,
+                open_store=self.control_plane().client,
+                policy_version=lambda: self.policy_version,
+                on_worker_failure=self.on_worker_failure,
+                sync_timeout=self.sync_timeout,
+                **kwargs,
+            )
         return self._experience
 
     def control_plane(self) -> ControlPlane:
@@ -187,40 +208,6 @@ class WeightSyncStrategy(DDPStrategy):
         if self._control is None:
             self._control = ControlPlane.join(self._main_address(), self.cluster_environment.main_port, self.sync_timeout)
         return self._control
-
-    # ------------------------------------------------------------------ workers
-    def run_worker_process(self) -> int:
-        """Body of a worker process: join the control plane, run ``worker_fn``; returns the exit code."""
-        env = self.cluster_environment
-        layout = self.layout
-        local_rank, node_rank = env.local_rank(), env.node_rank()
-        worker_id = layout.worker_id(node_rank, local_rank)
-        try:
-            context = WorkerContext(
-                worker_id=worker_id,
-                num_workers=layout.num_workers,
-                global_rank=layout.launch_rank(node_rank, local_rank),
-                local_rank=local_rank,
-                node_rank=node_rank,
-                device=self._worker_device(local_rank - layout.devices),
-                control=ControlPlane.join(self._main_address(), env.main_port, self.sync_timeout),
-                backend=split_transport(self.transport)[0],
-                timeout=self.sync_timeout,
-                num_training_ranks=layout.devices * layout.num_nodes,
-            )
-            run_worker(self.worker_fn, context)
-        except BaseException:
-            print(f"[fabric_weightsync] inference worker {worker_id} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-            return 1
-        return 0
-
-    def report_worker_exit(self, local_rank: int, code: int) -> None:
-        """A launcher saw a worker process of this node die: tell rank 0's monitor at once."""
-        worker_id = self.layout.worker_id(self.cluster_environment.node_rank(), local_rank)
-        try:
-            self.control_plane().client().set(exit_key(worker_id + 1), str(code).encode())
-        except Exception:  # training rank 0 is gone too; nothing to tell
-            pass
 
     # ------------------------------------------------------------------ shutdown
     def with_shutdown(self, function: Callable) -> Callable:
@@ -231,7 +218,7 @@ class WeightSyncStrategy(DDPStrategy):
             try:
                 return function(*args, **kwargs)
             except BaseException:
-                TrainingCrash.crashed = True
+                self.crash.crashed = True
                 raise
             finally:
                 self.shutdown()
@@ -239,7 +226,8 @@ class WeightSyncStrategy(DDPStrategy):
         return train_then_shut_down
 
     def shutdown(self) -> None:
-        """End of training on rank 0: deliver the last version to every live worker, stop them, wait for them.
+        """End of training: rank 0 delivers the last version to every live worker, stops them and waits for them;
+        every rank stops its experience receivers.
 
         Runs once, at the end of the training function (spawn) or at interpreter exit (script, torchrun, SLURM).
         After a crash of the training code the final delivery is skipped and workers are stopped at once.
@@ -249,43 +237,38 @@ class WeightSyncStrategy(DDPStrategy):
         self._shut_down = True
         scheme, control = self._scheme, self._control
         if scheme is not None and control is not None:
-            if scheme.module is not None and not TrainingCrash.crashed:
+            if scheme.module is not None and not self.crash.crashed:
                 if not scheme.flush(self.shutdown_timeout):
                     rank_zero_info("fabric_weightsync: some workers did not take the final version in time")
             scheme.close()
             control.request_stop()
             _wait_for_exits(control, scheme, self.shutdown_timeout)
-            self._close_experience()
-            if not TrainingCrash.crashed:
-                scheme.report_late_failures()
-                scheme.raise_if_failed()  # a failure after the last push must still fail the run
+        # A daemon thread still inside a store call when the interpreter finalizes aborts the process.
+        if self._experience is not None:
+            self._experience.close(wait=EXPERIENCE_CLOSE_S)
+        if scheme is not None and control is not None and not self.crash.crashed:
+            scheme.report_late_failures()
+            scheme.raise_if_failed()  # a failure after the last push must still fail the run
 
-    def _shutdown_at_exit(self) -> None:
-        """:meth:`shutdown` at interpreter exit, where only ``os._exit`` can still make the exit code non-zero."""
+    def _at_exit(self) -> None:
+        """At interpreter exit: :meth:`shutdown`, then wait for this node's children; only ``os._exit`` can still make
+        the exit code non-zero here, which a worker failure after the last push must do."""
+        failure = None
         try:
             self.shutdown()
         except WorkerFailedError as err:
-            print(f"[fabric_weightsync] {err}", file=sys.stderr, flush=True)
-            if isinstance(self._launcher, WeightSyncScriptLauncher):
-                self._launcher.join_children()
+            failure = err
+        if isinstance(self._launcher, WeightSyncScriptLauncher):
+            self._launcher.join_children()
+        if failure is not None:
+            print(f"[fabric_weightsync] {failure}", file=sys.stderr, flush=True)
             logging.shutdown()
             sys.stdout.flush()
             os._exit(1)
 
     # ------------------------------------------------------------------ helpers
-    def _close_experience(self) -> None:
-        """Stop this rank's experience receivers and let those whose workers exited finish before the
-        interpreter does: a daemon thread inside a store call at finalization aborts the process."""
-        if self._experience is not None:
-            self._experience.close(wait=EXPERIENCE_CLOSE_S)
-
     def _main_address(self) -> str:
         return self.cluster_environment.main_address
-
-    def _worker_device(self, index: int) -> torch.device:
-        if self.worker_device.type == "cuda" and self.worker_device.index is None:
-            return torch.device("cuda", (self.num_processes + index) % max(1, torch.cuda.device_count()))
-        return self.worker_device
 
     @classmethod
     @override
@@ -299,8 +282,13 @@ class WeightSyncStrategy(DDPStrategy):
             )
 
 
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
 def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float) -> None:
-    keys = [exit_key(status.rank) for status in scheme.workers if status.alive]
+    keys = [worker_keys(status.rank).exit for status in scheme.workers if status.alive]
     if keys:
         try:
             control.client().wait(keys, timedelta(seconds=timeout))

@@ -1,27 +1,25 @@
-"""How weights are taken from a module, laid out for the wire, checked and applied.
+"""How weights are named, described, taken from a module and applied to one.
 
-Both ends build the same *wire buffer* from their own module: one ``TensorDict`` of views into a single
-storage, holding every parameter and buffer under its flat name, in sorted order, plus the version (and
-optional checksum) of the update. Two modules with the same :class:`WeightSchema` therefore have byte-identical layouts, so an update
-travels as one message and lands with one copy.
+Both ends describe their module's weights by a :class:`WeightSchema` (flat names in sorted order, shapes, dtypes)
+and lay them out as a :class:`~fabric_weightsync.wire.WireBuffer` with the header ``(version, checksum)``: two
+modules with the same schema have byte-identical layouts, so an update travels as one message.
 """
 
 import hashlib
 import json
 import operator
-import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, Optional, Union
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-VERSION_KEY = "version"
-WEIGHTS_KEY = "weights"
-CHECKSUM_KEY = "checksum"
-EXTERNAL_STORAGE_ATTR = "_fws_storage"
-HEADER_WORDS_ATTR = "_fws_header"
+from fabric_weightsync.wire import Layout, WireBuffer, describe_mismatch, itemsize
+
+WEIGHT_HEADER = ("version", "checksum")
+"""Header words of a weight update: the trainer's version, and a CRC32 of the weights (0: none)."""
 
 
 class SchemaMismatchError(RuntimeError):
@@ -45,6 +43,17 @@ def unwrap(module: nn.Module) -> nn.Module:
         module = inner
 
 
+def _named(weights: Union[nn.Module, TensorDictBase, WireBuffer, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Flat ``{name: tensor}`` of a module, a (nested) ``TensorDict``, a wire buffer or a dict."""
+    if isinstance(weights, nn.Module):
+        return named_weights(weights)
+    if isinstance(weights, WireBuffer):
+        weights = weights.weights
+    if isinstance(weights, TensorDictBase):
+        return dict(weights.flatten_keys(".").items())
+    return dict(weights)
+
+
 @dataclass(frozen=True)
 class WeightSchema:
     """Names, shapes and dtypes of a set of weights, compared before any byte of weights moves."""
@@ -52,19 +61,17 @@ class WeightSchema:
     entries: tuple[tuple[str, tuple[int, ...], str], ...]
 
     @classmethod
-    def of(cls, weights: Union[nn.Module, TensorDictBase, dict[str, torch.Tensor]]) -> "WeightSchema":
-        if isinstance(weights, nn.Module):
-            weights = named_weights(weights)
-        elif isinstance(weights, TensorDictBase):
-            weights = dict(weights.flatten_keys(".").items())
-        return cls(tuple((name, tuple(t.shape), str(t.dtype)) for name, t in sorted(weights.items())))
+    def of(cls, weights: Union[nn.Module, TensorDictBase, WireBuffer, dict[str, torch.Tensor]]) -> "WeightSchema":
+        return cls(tuple((name, tuple(t.shape), str(t.dtype)) for name, t in sorted(_named(weights).items())))
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The wire layout of an update of these weights."""
+        return Layout(WEIGHT_HEADER, self.entries)
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            torch.Size(shape).numel() * torch.empty((), dtype=_dtype(dtype)).element_size()
-            for _, shape, dtype in self.entries
-        )
+        return sum(torch.Size(shape).numel() * itemsize(dtype) for _, shape, dtype in self.entries)
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
@@ -73,133 +80,35 @@ class WeightSchema:
         return json.dumps([[name, list(shape), dtype] for name, shape, dtype in self.entries])
 
     @classmethod
-    def from_json(cls, text: Union[str, bytes]) -> "WeightSchema":
-        return cls(tuple((name, tuple(shape), dtype) for name, shape, dtype in json.loads(text)))
+    def from_json(cls, text: Union[str, bytes, list]) -> "WeightSchema":
+        """The schema :meth:`to_json` wrote (or its parsed list); ``ValueError`` for anything else."""
+        raw = json.loads(text) if isinstance(text, (str, bytes)) else text
+        try:
+            return cls(tuple((str(name), tuple(int(n) for n in shape), str(dtype)) for name, shape, dtype in raw))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"not a weight schema: {err}") from err
 
     def mismatch(self, other: "WeightSchema", mine: str = "trainer", theirs: str = "worker") -> Optional[str]:
         """A message naming every differing key with both shapes and dtypes, or ``None`` when they match."""
-        if self.digest() == other.digest():
-            return None
-        a = {name: (shape, dtype) for name, shape, dtype in self.entries}
-        b = {name: (shape, dtype) for name, shape, dtype in other.entries}
-        problems = [f"key {name!r} only on the {mine}: shape {list(a[name][0])}, {a[name][1]}" for name in a.keys() - b.keys()]
-        problems += [f"key {name!r} only on the {theirs}: shape {list(b[name][0])}, {b[name][1]}" for name in b.keys() - a.keys()]
-        problems += [
-            f"key {name!r}: {mine} has shape {list(a[name][0])}, {a[name][1]} but {theirs} has shape"
-            f" {list(b[name][0])}, {b[name][1]}"
-            for name in sorted(a.keys() & b.keys())
-            if a[name] != b[name]
-        ]
-        return "; ".join(sorted(problems))
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
-
-
-_HEADER = (VERSION_KEY, CHECKSUM_KEY)
-_HEADER_BYTES = 8 * len(_HEADER)  # one int64 each
-_ALIGN = 16
-
-
-def _aligned(offset: int) -> int:
-    return -(-offset // _ALIGN) * _ALIGN
-
-
-def weights_offset() -> int:
-    """Where the weights start in a wire buffer: everything from here to its end is the weights' bytes."""
-    return _aligned(_HEADER_BYTES)
-
-
-def wire_nbytes(schema: WeightSchema) -> int:
-    """Bytes of a wire buffer: an int64 header (version, checksum), then every weight at an aligned offset."""
-    offset = _HEADER_BYTES
-    for _, shape, dtype in schema.entries:
-        offset = _aligned(offset) + torch.Size(shape).numel() * torch.empty((), dtype=_dtype(dtype)).element_size()
-    return _aligned(offset)
-
-
-def wire_views(schema: WeightSchema, storage: torch.Tensor) -> TensorDict:
-    """The wire buffer laid over ``storage`` (``wire_nbytes(schema)`` bytes): a ``TensorDict`` of views.
-
-    The layout depends on the schema alone, so two processes with the same schema agree byte for byte, and
-    the same function lays the buffer over host memory, GPU memory or a shared-memory file.
-    """
-    def view(offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        return storage[offset : offset + nbytes].view(dtype).view(shape)
-
-    header = {key: view(8 * i, (), torch.int64) for i, key in enumerate(_HEADER)}
-    weights, offset = {}, _HEADER_BYTES
-    for name, shape, dtype in schema.entries:
-        offset = _aligned(offset)
-        weights[name] = view(offset, shape, _dtype(dtype))
-        offset += weights[name].numel() * weights[name].element_size()
-    wire = TensorDict({WEIGHTS_KEY: TensorDict(weights, device=storage.device), **header}, device=storage.device)
-    setattr(wire, EXTERNAL_STORAGE_ATTR, storage)
-    if storage.device.type == "cpu":  # read and written on every update: no tensor op for two words
-        setattr(wire, HEADER_WORDS_ATTR, memoryview(storage[:_HEADER_BYTES].view(torch.int64).numpy()))
-    return wire
+        as_map = lambda schema: {name: (shape, dtype) for name, shape, dtype in schema.entries}  # noqa: E731
+        return describe_mismatch(as_map(self), as_map(other), mine, theirs)
 
 
 def make_wire_buffer(
     weights: Union[nn.Module, TensorDictBase, dict[str, torch.Tensor]], device: Optional[torch.device] = None
-) -> TensorDict:
-    """A ``{weights: {flat_name: tensor}, version, checksum}`` buffer over ONE storage, holding a copy of ``weights``.
+) -> WireBuffer:
+    """A :class:`~fabric_weightsync.wire.WireBuffer` holding a copy of ``weights``: version, checksum, then each weight.
 
-    ``version`` and ``checksum`` (0 unless checksums are on) ride in the same storage as the weights, so one
-    message carries an update and its identity. The storage is allocated once and each tensor copied into its
-    slice (``TensorDict.consolidate`` pads odd-sized tensors by concatenation, which briefly doubles memory).
     ``device`` defaults to that of the weights.
     """
-    if isinstance(weights, nn.Module):
-        weights = named_weights(weights)
-    elif isinstance(weights, TensorDictBase):
-        weights = dict(weights.flatten_keys(".").items())
+    weights = _named(weights)
     schema = WeightSchema.of(weights)
     if device is None:
         device = next(iter(weights.values())).device if weights else torch.device("cpu")
-    wire = wire_views(schema, torch.zeros(wire_nbytes(schema), dtype=torch.uint8, device=device))
+    wire = WireBuffer.allocate(schema.layout, device)
     with torch.no_grad():
-        names = [name for name, _, _ in schema.entries]
-        torch._foreach_copy_([wire[WEIGHTS_KEY][n] for n in names], [weights[n].detach() for n in names])
+        torch._foreach_copy_(wire.tensors, [weights[name].detach() for name, _, _ in schema.entries])
     return wire
-
-
-def header_words(wire: TensorDictBase) -> Optional[memoryview]:
-    """The (version, checksum) words of a host wire buffer as a memoryview: ~50 ns a read or write, where a
-    tensor op costs microseconds (tens when cold). ``None`` for a GPU buffer."""
-    return getattr(wire, HEADER_WORDS_ATTR, None)
-
-
-def read_header(wire: TensorDictBase) -> tuple[int, int]:
-    """(version, checksum) of a wire buffer."""
-    words = header_words(wire)
-    if words is None:
-        version, checksum = wire_storage(wire)[:_HEADER_BYTES].view(torch.int64).tolist()
-        return version, checksum
-    return words[0], words[1]
-
-
-def is_wire_buffer(weights: object) -> bool:
-    return isinstance(weights, TensorDictBase) and set(weights.keys()) == {WEIGHTS_KEY, VERSION_KEY, CHECKSUM_KEY}
-
-
-def weights_checksum(wire: TensorDictBase) -> int:
-    """CRC32 of the weights' bytes in schema order (the header is not covered), as a non-zero int64."""
-    crc = 0
-    for tensor in wire[WEIGHTS_KEY].values():
-        crc = zlib.crc32(tensor.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
-    return crc + 1
-
-
-def wire_storage(wire: TensorDictBase) -> torch.Tensor:
-    """The single flat byte tensor behind a wire buffer: the one message of an update."""
-    return getattr(wire, EXTERNAL_STORAGE_ATTR)
-
-
-def has_wire_storage(wire: TensorDictBase) -> bool:
-    return getattr(wire, EXTERNAL_STORAGE_ATTR, None) is not None
 
 
 class LayoutProbe:
@@ -210,7 +119,7 @@ class LayoutProbe:
     reshaping a tensor (``p.data = ...``), is seen. With ``pin_addresses`` it compares where each tensor's data
     lives instead of its shape, which also catches data that moved (``p.data = other``, ``module.half()``) when
     something else reads that memory; only an in-place view op (``p.t_()``) could reshape a tensor in place.
-    The checks run as ``map`` over prebuilt lists: about 0.2 us per weight, paid by every push.
+    The checks run as ``map`` over prebuilt lists, since every push pays for them.
     """
 
     def __init__(self, module: nn.Module, schema: WeightSchema, sources: list[torch.Tensor], pin_addresses: bool = False) -> None:
@@ -268,7 +177,7 @@ class WeightStrategy:
         return model.state_dict()
 
     def apply_weights(
-        self, destination: Any, weights: Union[TensorDictBase, dict[str, torch.Tensor]], inplace: bool = True
+        self, destination: Any, weights: Union[TensorDictBase, WireBuffer, dict[str, torch.Tensor]], inplace: bool = True
     ) -> None:
         """Writes ``weights`` into ``destination`` (a module or a ``TensorDict``).
 
@@ -276,7 +185,7 @@ class WeightStrategy:
         values are copied into the existing tensors, all or nothing: every name and shape is checked before
         the first copy. With ``inplace=False`` the module's tensors are replaced by those of ``weights``.
         """
-        flat = _flat_weights(weights)
+        flat = _named(weights)
         if isinstance(destination, TensorDictBase):
             targets = dict(destination.flatten_keys(".").items())
         else:
@@ -291,11 +200,3 @@ class WeightStrategy:
                 torch._foreach_copy_([targets[n] for n in names], [flat[n] for n in names])
         else:
             TensorDict(flat).unflatten_keys(".").to_module(destination)
-
-
-def _flat_weights(weights: Union[TensorDictBase, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    if isinstance(weights, TensorDictBase):
-        if is_wire_buffer(weights):
-            weights = weights[WEIGHTS_KEY]
-        return dict(weights.flatten_keys(".").items())
-    return dict(weights)

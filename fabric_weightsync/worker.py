@@ -7,19 +7,18 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
+from tensordict import TensorDictBase
 from torch import nn
 
-from fabric_weightsync.control import ControlPlane, error_key, evicted_key, exit_key, heartbeat_key
+from fabric_weightsync.control import ControlPlane
+from fabric_weightsync.environment import ProcessLayout
+from fabric_weightsync.experience_sender import ExperienceSender
+from fabric_weightsync.protocol import worker_keys
 from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import WeightStrategy
-
-if TYPE_CHECKING:
-    from tensordict import TensorDictBase
-
-    from fabric_weightsync.experience import ExperienceSender
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class WeightReceiver:
         context = self._context
         if context.evicted:
             log.warning("fabric_weightsync: worker %d was evicted by the trainer; reconnecting", context.worker_id)
-            context.control.store.delete_key(evicted_key(context.rank))
+            context.control.store.delete_key(worker_keys(context.rank).evicted)
             context.evicted = False
             self._transport.close()
             self._transport = self._connect()
@@ -131,7 +130,7 @@ class WorkerContext:
         self._stop = False
         self.evicted = False
         self._receiver: Optional[WeightReceiver] = None
-        self._sender: Optional["ExperienceSender"] = None
+        self._sender: Optional[ExperienceSender] = None
 
     @property
     def rank(self) -> int:
@@ -154,17 +153,22 @@ class WorkerContext:
         self._receiver = WeightReceiver(policy, strategy or WeightStrategy(), self, flatten_weights)
         return self._receiver
 
-    def send(self, batch: "TensorDictBase", *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
+    def send(self, batch: TensorDictBase, *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
         """Send a batch of experience to this worker's training rank (``worker_id % num_training_ranks``).
 
         ``version`` defaults to the version of the policy applied now (``connect`` must have been called).
         Blocks while that rank's queue is full; returns ``False`` if training stopped before the batch could be
-        delivered (see :class:`~fabric_weightsync.experience.ExperienceSender`).
+        delivered (see :class:`~fabric_weightsync.experience_sender.ExperienceSender`).
         """
-        from fabric_weightsync.experience import ExperienceSender
-
         if self._sender is None:
-            self._sender = ExperienceSender(self)
+            self._sender = ExperienceSender(
+                self.worker_id,
+                self.worker_id % self.num_training_ranks,
+                self.control.client(),  # its own client: this one polls while the worker waits
+                self.timeout,
+                stop_requested=lambda: self.stop_requested,
+                idle=lambda: self._receiver is not None and self._receiver.poll(),
+            )
         if version is None:
             if self._receiver is None:
                 raise RuntimeError("ctx.send() needs the policy version: call ctx.connect(policy) first or pass version=")
@@ -183,7 +187,7 @@ class WorkerContext:
 
     def check_evicted(self) -> bool:
         """Whether rank 0 gave up on this worker, asking the store now (the heartbeat thread looks twice a second)."""
-        self.evicted = self.evicted or self.control.store.check([evicted_key(self.rank)])
+        self.evicted = self.evicted or self.control.store.check([worker_keys(self.rank).evicted])
         return self.evicted
 
     def request_local_stop(self) -> None:
@@ -209,11 +213,11 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         failing_since: Optional[float] = None
-        key = heartbeat_key(self.context.rank)
+        keys = worker_keys(self.context.rank)
         while not self._stopped.wait(HEARTBEAT_INTERVAL):
             try:
-                self._store.add(key, 1)
-                self.context.evicted = self.context.evicted or self._store.check([evicted_key(self.context.rank)])
+                self._store.add(keys.heartbeat, 1)
+                self.context.evicted = self.context.evicted or self._store.check([keys.evicted])
                 failing_since = None
             except Exception:
                 now = time.monotonic()
@@ -232,10 +236,10 @@ class _Heartbeat(threading.Thread):
 
 def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerContext) -> None:
     """Run ``worker_fn`` with heartbeats; report an exception to the trainer (then re-raise it) and the exit."""
-    store = context.control.store
-    for stale in (error_key(context.rank), exit_key(context.rank), evicted_key(context.rank)):  # a previous process's
+    store, keys = context.control.store, worker_keys(context.rank)
+    for stale in (keys.error, keys.exit, keys.evicted):  # a previous process's
         store.delete_key(stale)
-    store.add(heartbeat_key(context.rank), 1)  # beat once now: the monitor may look before the thread's first beat
+    store.add(keys.heartbeat, 1)  # beat once now: the monitor may look before the thread's first beat
     heartbeat = _Heartbeat(context)
     heartbeat.start()
     code = "1"
@@ -243,11 +247,11 @@ def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerCont
         worker_fn(context)
         code = "0"
     except BaseException:
-        _report(store, error_key(context.rank), traceback.format_exc())
+        _report(store, keys.error, traceback.format_exc())
         raise
     finally:
         heartbeat.stop()
-        _report(store, exit_key(context.rank), code)
+        _report(store, keys.exit, code)
 
 
 def _report(store, key: str, value: str) -> None:
@@ -255,3 +259,61 @@ def _report(store, key: str, value: str) -> None:
         store.set(key, value.encode())
     except Exception:  # the trainer is gone: nobody to tell
         pass
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a launcher needs to run this node's workers: plain values, picklable for spawned processes.
+
+    Attributes:
+        worker_fn: what each worker runs.
+        layout: which local ranks are workers.
+        backend: the weight groups' backend (``"gloo"`` or ``"nccl"``).
+        sync_timeout: seconds for each blocking step of connecting and of a transfer.
+        worker_device: the workers' device; ``cuda`` without an index gives worker ``i`` of a node GPU
+            ``(devices + i) % device_count``.
+    """
+
+    worker_fn: Callable[[WorkerContext], Any]
+    layout: ProcessLayout
+    backend: str
+    sync_timeout: float
+    worker_device: Union[str, torch.device] = "cpu"
+
+    def run(self, main_address: str, main_port: int, node_rank: int, local_rank: int) -> int:
+        """Body of a worker process: join the control plane, run ``worker_fn``; returns the exit code."""
+        layout = self.layout
+        worker_id = layout.worker_id(node_rank, local_rank)
+        try:
+            context = WorkerContext(
+                worker_id=worker_id,
+                num_workers=layout.num_workers,
+                global_rank=layout.launch_rank(node_rank, local_rank),
+                local_rank=local_rank,
+                node_rank=node_rank,
+                device=self.device(local_rank - layout.devices),
+                control=ControlPlane.join(main_address, main_port, self.sync_timeout),
+                backend=self.backend,
+                timeout=self.sync_timeout,
+                num_training_ranks=layout.devices * layout.num_nodes,
+            )
+            run_worker(self.worker_fn, context)
+        except BaseException:
+            print(f"[fabric_weightsync] inference worker {worker_id} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+    def report_exit(self, main_address: str, main_port: int, node_rank: int, local_rank: int, code: int) -> None:
+        """A launcher saw a worker process of this node die: tell rank 0's monitor at once."""
+        rank = self.layout.worker_id(node_rank, local_rank) + 1
+        try:
+            ControlPlane.join(main_address, main_port, self.sync_timeout).client().set(worker_keys(rank).exit, str(code).encode())
+        except Exception:  # training rank 0 is gone too; nothing to tell
+            pass
+
+    def device(self, index: int) -> torch.device:
+        """The device of this node's worker ``index``."""
+        device = torch.device(self.worker_device)
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", (self.layout.devices + index) % max(1, torch.cuda.device_count()))
+        return device

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import SCRIPTS_DIR, clean_env
-from fabric_weightsync import DistributedTransport, TransportError
-from fabric_weightsync.weights import CHECKSUM_KEY, make_wire_buffer
+from fabric_weightsync import DistributedTransport, TransportError, WeightStrategy, make_wire_buffer
 
 sys.path.insert(0, str(SCRIPTS_DIR))
 from checksum_peer import TIMEOUT, policy as _policy, store as _store  # noqa: E402
@@ -39,8 +38,9 @@ def test_corrupt_update_is_refused_and_the_policy_keeps_its_version(channel: str
         with torch.no_grad():
             for p in trainer.parameters():
                 p.add_(1.0)
-        transport._stage(trainer, 2)
-        corrupt[CHECKSUM_KEY].add_(1)  # the stamp no longer matches the bytes, as after corruption in flight
+        WeightStrategy().apply_weights(corrupt.weights, trainer)  # staged by hand, as the sender would
+        corrupt.version = 2
+        corrupt.checksum = corrupt.compute_checksum() + 1  # the stamp no longer matches the bytes, as after corruption in flight
         with pytest.raises(TransportError, match="checksum mismatch"):
             transport.send_weights(corrupt, version=2)
         peer.wait(30)
@@ -48,7 +48,7 @@ def test_corrupt_update_is_refused_and_the_policy_keeps_its_version(channel: str
         assert applied and version == 1
         assert error is not None and "update 2 failed its checksum and was not applied" in error
         assert unchanged
-        expected = make_wire_buffer(trainer)["weights"]
+        expected = make_wire_buffer(trainer).weights
         assert sums != [t.sum().item() for t in expected.values()]
         transport.close()
         assert not server.check(["NODE_1_in"]) and not server.check(["NODE_1_slot"])  # close() cleaned up

@@ -772,6 +772,7 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     key). Store clients get the transport's timeout, as the library's own ``ControlPlane.client()`` does."""
     from fabric_weightsync import DistributedTransport
     from fabric_weightsync.control import ControlPlane
+    from fabric_weightsync.protocol import ACK_ARMED, INSTRUCTION, worker_keys
 
     _, client = store
     timeout = 0.5
@@ -793,8 +794,8 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     connecting.start()
     receiver.setup_connection_and_weights_on_receiver(worker_idx=2)
     connecting.join(10)
-    assert receiver.channel == sender.channel == "group" and not sender.peer_armed
-    sender.instruct()
+    assert receiver.channel == sender.channel == "group"
+    client(timeout).set(worker_keys(3).instruction, INSTRUCTION)  # what a sender writes before it sends
     _, err, took = timed(lambda: receiver.receive_weights(timeout))
     assert_timed_out(err, took, limit, "receiving weights failed")
     sender.close()  # nothing of a pair, its groups or an armed receive, lingers for later tests in this process
@@ -809,7 +810,7 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     connecting.start()
     receiver.setup_connection_and_weights_on_receiver(worker_idx=5, model=policy)
     connecting.join(10)
-    assert sender.peer_armed
+    assert client(timeout).get(worker_keys(6).ack) == ACK_ARMED, "a worker applying into its model arms its receive"
     client(timeout).set("test/latest", b"7")
     sender.send_weights_async(small_policy(2), version=3)
     time.sleep(0.01)  # the worker's "rollout": the update lands meanwhile
@@ -820,7 +821,7 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     receiver.close()
 
     # A sender whose worker never posts its receive.
-    _, err, took = timed(lambda: transport(5).wait_ready())
+    _, err, took = timed(lambda: transport(5).send_weights(small_policy()))
     assert_timed_out(err, took, limit, "post its receive", "NODE_5_ready")
 
     # No instruction pending: receive_weights is a poll with a deadline, not an error.

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from conftest import SCRIPTS_DIR, clean_env
 from fabric_weightsync import WeightSyncScheme
-from fabric_weightsync.control import LATEST_KEY, ControlPlane
+from fabric_weightsync.control import ControlPlane
+from fabric_weightsync.protocol import LATEST_KEY
 
 WORKER = SCRIPTS_DIR / "polling_worker.py"
 
@@ -75,7 +76,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 def test_idle_links_sleep_until_a_push_wakes_them() -> None:
     workers = 2
     with serving(workers) as (control, scheme, model, procs):
-        links = [link.native_id for link in scheme._links]
+        links = [link.native_id for link in scheme.links.threads]
         before = [voluntary_switches(tid) for tid in links]
         time.sleep(0.5)
         after = [voluntary_switches(tid) for tid in links]
@@ -122,16 +123,16 @@ def test_newest_version_reaches_the_store_only_while_a_worker_holds_an_unanswere
     with serving(1) as (control, scheme, model, procs):
         try:
             for version in range(1, 6):
-                wait_until(lambda: scheme._idle_group_links == 1, 10, "the link waits for a newer version")
+                wait_until(lambda: scheme.links.idle_group_links == 1, 10, "the link waits for a newer version")
                 scheme.push(version)
                 assert scheme.flush(10), f"version {version} was not delivered"
-            wait_until(lambda: scheme._idle_group_links == 1, 10, "the link waits for a newer version")
+            wait_until(lambda: scheme.links.idle_group_links == 1, 10, "the link waits for a newer version")
             # Read as workers read it (add 0): a worker that asked while nothing was published made it 0.
             assert control.store.add(LATEST_KEY, 0) == 0, "pushes to a worker whose link was idle wrote the newest version"
 
             os.kill(procs[0].pid, signal.SIGSTOP)  # it cannot poll: version 6 lands and stays unanswered
             scheme.push(6)
-            wait_until(lambda: scheme._links[0].transport.version == 6, 10, "the link sent version 6")
+            wait_until(lambda: scheme.links.sent_version(0) == 6, 10, "the link sent version 6")
             scheme.push(7)
             wait_until(lambda: control.store.add(LATEST_KEY, 0) == 7, 10, "version 7 is in the store")
             os.kill(procs[0].pid, signal.SIGCONT)

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from fabric_weightsync.channels import SharedWireBuffer, new_run_id, shm_dir, sweep_stale_files
-from fabric_weightsync.weights import WeightSchema
+from fabric_weightsync import WeightSchema
+from fabric_weightsync.channels.board import create_shared_buffer, new_run_id, shm_dir, sweep_stale_files
 
 
 @pytest.mark.timeout(60)
@@ -18,10 +18,10 @@ def test_staging_files_of_a_killed_trainer_are_swept_by_the_next_run() -> None:
     code = "; ".join(
         [
             "import sys, torch",
-            "from fabric_weightsync.channels import SharedWireBuffer, new_run_id",
-            "from fabric_weightsync.weights import WeightSchema",
-            "wire = SharedWireBuffer.create(WeightSchema.of(torch.nn.Linear(4, 4)), new_run_id(), 0)",
-            "print(wire._fws_shm_path, flush=True)",
+            "from fabric_weightsync import WeightSchema",
+            "from fabric_weightsync.channels.board import create_shared_buffer, new_run_id",
+            "wire = create_shared_buffer(WeightSchema.of(torch.nn.Linear(4, 4)), new_run_id(), 0)",
+            "print(wire.path, flush=True)",
             "sys.stdin.read()",
         ]
     )
@@ -35,6 +35,6 @@ def test_staging_files_of_a_killed_trainer_are_swept_by_the_next_run() -> None:
     trainer.wait(10)
     assert os.path.exists(path), "a SIGKILLed trainer cannot clean up after itself"
     sweep_stale_files.cache_clear()
-    mine = SharedWireBuffer.create(WeightSchema.of(torch.nn.Linear(2, 2)), new_run_id(), 0)
+    mine = create_shared_buffer(WeightSchema.of(torch.nn.Linear(2, 2)), new_run_id(), 0)
     assert not os.path.exists(path), "the next run sweeps the dead trainer's file"
-    SharedWireBuffer.unlink(mine)
+    os.unlink(mine.path)

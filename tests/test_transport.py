@@ -20,9 +20,8 @@ import torch.multiprocessing as mp
 from tensordict import TensorDict
 
 from conftest import SCRIPTS_DIR
-from fabric_weightsync import DistributedTransport, SchemaMismatchError
+from fabric_weightsync import DistributedTransport, SchemaMismatchError, make_wire_buffer
 from fabric_weightsync.channels import new_pair_group
-from fabric_weightsync.weights import make_wire_buffer
 
 sys.path.insert(0, str(SCRIPTS_DIR))
 import transport_peers as peers  # noqa: E402
@@ -422,7 +421,6 @@ def test_abort_after_close_leaves_the_next_connection_alone(store):
     old.abort(client)
     assert not client.check(["NODE_1_ready"]) and not client.check(["NODE_1_out"])
     new = sender(store, model)
-    assert not new._aborted
     new.abort(client)  # an open transport still wakes whoever waits on it
     assert client.get("NODE_1_ready") == b"abort" and client.get("NODE_1_out") == b"abort"
     new.close()

@@ -1,4 +1,4 @@
-"""``WeightStrategy`` (extract/apply), ``WeightSchema`` (comparison and its messages) and the wire buffer, in-process."""
+"""``WeightStrategy`` (extract/apply) and ``WeightSchema`` (comparison and its messages), in-process."""
 
 import json
 
@@ -7,8 +7,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from fabric_weightsync import SchemaMismatchError, WeightSchema, WeightStrategy
-from fabric_weightsync.weights import VERSION_KEY, WEIGHTS_KEY, make_wire_buffer, named_weights, wire_storage
+from fabric_weightsync import SchemaMismatchError, WeightSchema, WeightStrategy, make_wire_buffer
 
 
 def make_model(hidden: int = 3, seed: int = 0) -> nn.Module:
@@ -207,17 +206,3 @@ def test_schema_mismatch_names_keys_on_one_side_only():
     assert "'shared'" not in message
     # The labels are the caller's: apply_weights speaks of destination and weights.
     assert "only on the mine" in trainer.mismatch(worker, "mine", "theirs")
-
-
-# ---------------------------------------------------------------------- wire buffer
-def test_wire_buffer_is_one_consolidated_copy():
-    model = make_model()
-    wire = make_wire_buffer(model)
-    assert all(leaf.untyped_storage().data_ptr() == wire_storage(wire).untyped_storage().data_ptr() for leaf in wire[WEIGHTS_KEY].values())
-    assert {WEIGHTS_KEY, VERSION_KEY} <= set(wire.keys())
-    assert wire[VERSION_KEY].dtype == torch.int64 and int(wire[VERSION_KEY]) == 0
-    assert list(wire[WEIGHTS_KEY].keys()) == sorted(named_weights(model))
-    assert WeightSchema.of(wire[WEIGHTS_KEY]) == WeightSchema.of(model)
-    for name, value in named_weights(model).items():
-        assert torch.equal(wire[WEIGHTS_KEY][name], value)
-        assert wire[WEIGHTS_KEY][name].data_ptr() != value.data_ptr(), "a copy, not a view of the module"

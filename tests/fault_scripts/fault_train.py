@@ -41,15 +41,14 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
-from fabric_weightsync.channels import GroupChannel
-from fabric_weightsync.weights import header_words
 from fabric_weightsync import (
-    DistributedTransport,
     SchemaMismatchError,
     WeightSyncCallback,
     WeightSyncStrategy,
     WorkerFailedError,
 )
+from fabric_weightsync.channels.group import GroupChannel
+from fabric_weightsync.channels.shm import SharedMemoryChannel
 
 torch.set_num_threads(1)
 # The library logs worker failures and rejoins; the time on each line is when rank 0 decided it.
@@ -120,10 +119,10 @@ def behaviour_of(args: argparse.Namespace, worker_id: int) -> tuple[str, str]:
 class MidReceiveKiller:
     """SIGKILLs a process while an update is on its way into this worker.
 
-    Over shared memory the receive runs inside the worker's poll: it starts when DistributedTransport.take_instruction
-    (public API) takes the notice, and ends when the poll returns. Over gloo the worker arms its receive ahead of
-    time and gloo lands the bytes in the background, so a watcher thread looks at each armed buffer
-    (GroupChannel.arm is hooked to learn of them): the transfer starts when the header's version changes (the
+    Over shared memory the receive runs inside the worker's poll: it starts when the channel's take_notice takes the
+    notice, and ends when the poll returns. Over gloo the worker arms its receive ahead of time and gloo lands the
+    bytes in the background, so a watcher thread looks at each armed buffer (GroupChannel._arm is hooked to learn
+    of them): the transfer starts when the header's version changes (the
     first bytes arrived) and ends when the last word loses the channel's mark. The delay is a random fraction
     of the receives measured so far; a kill that would land after the receive finished is cancelled and
     retried on the next one with a shorter delay, so the kill really interrupts a transfer.
@@ -139,25 +138,26 @@ class MidReceiveKiller:
         self.fired = False
         self.fraction = random.uniform(0.2, 0.8)
         self.timer = None
-        original = DistributedTransport.take_instruction
         killer = self
+        for channel_type in (SharedMemoryChannel, GroupChannel):
+            original = channel_type.take_notice
 
-        def hooked(transport, timeout=0.0):
-            taken = original(transport, timeout)
-            if taken:
-                killer._receive_started()
-            return taken
+            def hooked(channel, timeout, original=original):
+                taken = original(channel, timeout)
+                if taken:
+                    killer._receive_started()
+                return taken
 
-        DistributedTransport.take_instruction = hooked
+            channel_type.take_notice = hooked
         self.armed_receive = None
-        original_arm = GroupChannel.arm
+        original_arm = GroupChannel._arm
 
-        def hooked_arm(channel, wire, tag):
-            original_arm(channel, wire, tag)
+        def hooked_arm(channel, wire):
+            original_arm(channel, wire)
             with killer.lock:
-                killer.armed_receive = (channel._armed, header_words(wire)[0])
+                killer.armed_receive = (channel._armed, wire.version)
 
-        GroupChannel.arm = hooked_arm
+        GroupChannel._arm = hooked_arm
         threading.Thread(target=self._watch_armed_receives, daemon=True).start()
 
     def _watch_armed_receives(self) -> None:
@@ -170,7 +170,7 @@ class MidReceiveKiller:
                 continue
             armed, version_before = current
             landed = armed.last_word[0] != armed.mark
-            if watched is not armed and header_words(armed.wire)[0] != version_before and not landed:
+            if watched is not armed and armed.wire.version != version_before and not landed:
                 watched = armed
                 self._receive_started()
             elif watched is armed and landed:

@@ -14,7 +14,8 @@ import time
 import torch
 
 from fabric_weightsync import WorkerContext
-from fabric_weightsync.control import LATEST_KEY, ControlPlane
+from fabric_weightsync.control import ControlPlane
+from fabric_weightsync.protocol import LATEST_KEY
 
 torch.set_num_threads(1)
 

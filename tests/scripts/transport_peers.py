@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tensordict import TensorDict
 from torch import nn
 
-from fabric_weightsync import DistributedTransport, SchemaMismatchError, WeightStrategy
+from fabric_weightsync import DistributedTransport, SchemaMismatchError, WeightStrategy, make_wire_buffer
 from fabric_weightsync.channels import new_pair_group
 
 torch.set_num_threads(1)
@@ -169,8 +169,6 @@ def receive_around_a_reload(index: int, port: int, out_dir: str) -> None:
 
 def receive_into_a_given_buffer(index: int, port: int, out_dir: str, updates: int) -> None:
     """TorchRL style: the worker hands the transport its own wire buffer and reads it after each update."""
-    from fabric_weightsync.weights import make_wire_buffer
-
     policy = make_policy(seed=100 + index)
     before = storages(policy)
     buffer = make_wire_buffer(policy)
@@ -179,5 +177,5 @@ def receive_into_a_given_buffer(index: int, port: int, out_dir: str, updates: in
     seen = []
     for _ in range(updates):
         assert transport.receive_weights(TIMEOUT, model=policy) is not None
-        seen.append((transport.version, {name: t.clone() for name, t in buffer["weights"].items()}))
+        seen.append((transport.version, {name: t.clone() for name, t in buffer.weights.items()}))
     _save(out_dir, index, seen=seen, policy=snapshot(policy), homes=[storages(policy)], before=before, still_ours=transport.wire_buffer is buffer)
