@@ -14,27 +14,24 @@ episodes first reaches 475, then stops; writes metrics (CSV, or TensorBoard if i
 PNG and a summary under ``--out-dir``.
 """
 
+import argparse
+import functools
+import math
+import os
 import time
+from collections import deque
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
 
-_START = time.time()  # "wall time" in the summary counts from here, imports included
+import gymnasium as gym
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from tensordict import TensorDict
+from torch import nn
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import math  # noqa: E402
-from collections import deque  # noqa: E402
-from dataclasses import MISSING, dataclass, field, fields  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from lightning.fabric import Fabric  # noqa: E402
-from tensordict import TensorDict  # noqa: E402
-from torch import nn  # noqa: E402
-
-from fabric_weightsync import WeightSyncCallback, WeightSyncStrategy  # noqa: E402
-from fabric_weightsync.worker import WorkerContext  # noqa: E402
+from fabric_weightsync import WeightSyncCallback, WeightSyncStrategy, WorkerContext
 
 
 def arg(default: Any, help: str) -> Any:
@@ -96,6 +93,25 @@ def parse_args() -> Args:
 
 def _to_bool(text: str) -> bool:
     return text.lower() in ("1", "true", "yes", "y", "on")
+
+
+def process_start_time() -> float:
+    """When this process started, on the ``time.time()`` clock: the wall time reported counts imports too.
+
+    Read from ``/proc/self/stat`` (start time in clock ticks after boot); where there is none, the time of this
+    module's import.
+    """
+    try:
+        with open("/proc/self/stat") as handle:
+            stat = handle.read().rpartition(")")[2].split()  # the fields after the command name
+        started_after_boot = int(stat[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started_after_boot)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
+# Read once at import, in the launching process: forked training processes inherit it.
+PROCESS_START = process_start_time()
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -295,7 +311,7 @@ def train(fabric: Fabric, args: Args) -> dict:
             progress.update(steps_per_update)
             progress.set_postfix(ret=f"{mean_return:.0f}", sps=f"{sps:.0f}", lag=f"{np.mean(lag):.1f}", refresh=False)
         if solved_at is None and not math.isnan(mean_return) and mean_return >= args.solve_return:
-            solved_at = (global_step, time.time() - _START)
+            solved_at = (global_step, time.time() - PROCESS_START)
             if fabric.is_global_zero:
                 _print(progress, f"solved: mean episodic return {mean_return:.1f} over the last {args.solve_window} episodes"
                        f" at {global_step} env steps, {solved_at[1]:.1f}s wall time from process start")  # fmt: skip
@@ -310,7 +326,7 @@ def train(fabric: Fabric, args: Args) -> dict:
         "solve_wall_s": solved_at[1] if solved_at else None,
         "steps": global_step,
         "train_s": time.time() - train_start,
-        "wall_s": time.time() - _START,
+        "wall_s": time.time() - PROCESS_START,
         "sps": global_step / max(time.time() - train_start, 1e-9),
         "mean_version_lag": float(np.mean(lags)) if lags else 0.0,
         "max_version_lag": int(max(lags)) if lags else 0,
