@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from fabric_weightsync import WeightSyncScheme, WorkerContext
 from fabric_weightsync.control import ControlPlane
+from results_file import provenance, write_section
 
 MODES = ("raw", "inline", "one-hop", "ours")
 
@@ -53,6 +54,8 @@ class Args:
     """pause before each push, so that every thread of the previous sync is asleep again, as after a training step
     (0: back to back, as bench_sync.py's raw send)"""
     timeout_s: float = 30.0
+    out: str = "benchmarks/results.md"
+    """the markdown file whose bench_gloo_floor section gets the table"""
 
 
 WARMUP = 5
@@ -209,11 +212,21 @@ def main() -> None:
         for mode in MODES:
             latencies[mode] += run(ctx, mode, args)
     raw = statistics.median(latencies["raw"])
-    print(f"push -> applied, {args.nbytes / 1e6:.3g} MB, worker polling in a tight loop; load average {os.getloadavg()[0]:.2f}")
-    print(f"{'path':8s} {'median':>9s} {'min':>9s} {'/ raw':>7s}")
+    lines = [
+        "## The gloo floor: push -> applied against a raw send after the same pause (bench_gloo_floor.py)",
+        "",
+        *provenance(),
+        "",
+        f"{args.nbytes / 1e6:.3g} MB, worker polling in a tight loop, {args.rounds} rounds",
+        "",
+        "| path | median ms | min ms | median / raw |",
+        "|---|---|---|---|",
+    ]
     for mode, values in latencies.items():
         median = statistics.median(values)
-        print(f"{mode:8s} {median * 1e3:7.3f}ms {min(values) * 1e3:7.3f}ms {median / raw:6.2f}x")
+        lines.append(f"| {mode} | {median * 1e3:.3f} | {min(values) * 1e3:.3f} | {median / raw:.2f}x |")
+    print("\n".join(lines))
+    write_section("bench_gloo_floor", "\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from fabric_weightsync import WeightSyncScheme, WorkerContext
 from fabric_weightsync.control import ControlPlane
+from results_file import provenance, write_section
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Args:
     repeats: int = 5
     poll_interval_s: float = 0.001
     timeout_s: float = 30.0
+    out: str = "benchmarks/results.md"
 
 
 def make_policy() -> torch.nn.Module:
@@ -116,18 +118,25 @@ def summary(times: list[float]) -> str:
 
 
 def main(args: Args) -> None:
-    print(f"nproc {os.cpu_count()}, torch {torch.__version__}, {args.steps} steps x {args.repeats} repeats per phase")
-    print("| transport | W | alone ms/step | idle ms/step | push every step ms/step | idle / alone | push / alone |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [
+        "## What idle workers and pushes cost a training step (bench_idle_cost.py)",
+        "",
+        f"{args.steps} steps x {args.repeats} repeats per phase; ms per step, median [min-max]",
+        "",
+        "| transport | W | alone ms/step | idle ms/step | push every step ms/step | idle / alone | push / alone |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
     for transport in args.transports.split(","):
         for num_workers in map(int, args.workers.split(",")):
             r = run_case(args, transport, num_workers)
             alone = statistics.median(r["alone"])
-            print(
+            lines.append(
                 f"| {transport} | {num_workers} | {summary(r['alone'])} | {summary(r['idle'])} | {summary(r['push'])} "
-                f"| {statistics.median(r['idle']) / alone:.2f} | {statistics.median(r['push']) / alone:.2f} |",
-                flush=True,
+                f"| {statistics.median(r['idle']) / alone:.2f} | {statistics.median(r['push']) / alone:.2f} |"
             )
+            print(lines[-1], flush=True)
+    write_section("bench_idle_cost", "\n".join(lines[:2] + provenance() + lines[2:]), args.out)
 
 
 def parse_args() -> Args:

@@ -53,16 +53,12 @@ import torch.distributed as dist
 from torch import nn
 
 import fabric_weightsync
-from fabric_weightsync import WeightSyncScheme, WorkerContext
-from fabric_weightsync import transport as fws_transport
+from fabric_weightsync import DistributedTransport, WeightStrategy, WeightSyncScheme, WorkerContext
+from fabric_weightsync.channels.group import GroupChannel
+from fabric_weightsync.channels.shm import SharedMemoryChannel
 from fabric_weightsync.control import ControlPlane
-from fabric_weightsync.transport import DistributedTransport
-from fabric_weightsync.weights import WeightStrategy, named_weights
-
-try:
-    from fabric_weightsync import channels as fws_channels
-except ImportError:  # older checkouts: one data plane, inside the transport
-    fws_channels = None
+from fabric_weightsync.weights import named_weights
+from results_file import write_section
 
 
 @dataclass
@@ -95,7 +91,7 @@ class Args:
     timeout_s: float = 30.0
     """per blocking step inside a case; a whole case is abandoned after 4x this"""
     out: str = "benchmarks/results.md"
-    """where the markdown tables are written"""
+    """the markdown file whose bench_sync section gets the tables"""
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -290,7 +286,7 @@ def instrument(owner: Any, names: list[str], sink: dict[str, list[float]], prefi
             start = time.perf_counter()
             result = __original(*a, **k)
             key = __key
-            if __key.endswith("take_instruction"):
+            if __key.endswith("take_notice"):
                 key += " (hit)" if result else " (miss)"
             elif __key.endswith("receive_weights") and result is None:
                 key += " (miss)"
@@ -354,14 +350,15 @@ def memcpy_trainer(case: Case, reports, sig: "Signals") -> dict:
 # ------------------------------------------------------------------ ours (WeightSyncScheme / WorkerContext)
 def record_sends(sends_done: list[tuple[int, int, float]]) -> None:
     """Note (worker rank, version, when) each time a link's send completes (this process only): over gloo an armed
-    worker holds the update from then on, and applies it at its next poll."""
-    original = DistributedTransport.wait_sent
+    worker holds the update from then on, and applies it at its next poll. A link's send of the newest staged
+    version returns once the send completed."""
+    original = DistributedTransport.send_weights_async
 
-    def wait_sent(transport: DistributedTransport) -> None:
-        original(transport)
+    def send_weights_async(transport: DistributedTransport, *args, **kwargs) -> None:
+        original(transport, *args, **kwargs)
         sends_done.append((transport.rank, transport.version, time.monotonic()))
 
-    DistributedTransport.wait_sent = wait_sent
+    DistributedTransport.send_weights_async = send_weights_async
 
 
 def landed_at(sends_done: list[tuple[int, int, float]], workers: int, version: int) -> Optional[float]:
@@ -382,8 +379,9 @@ def ours_trainer(case: Case, reports, sig: "Signals") -> dict:
     scheme = WeightSyncScheme(control, case.workers, timeout=case.timeout_s, **kwargs)
     sink: dict[str, list[float]] = defaultdict(list)
     if case.profile:
-        instrument(WeightSyncScheme, ["push", "raise_if_failed", "_check_sources", "_snapshot"], sink, "trainer")
-        instrument(DistributedTransport, ["instruct", "wait_ready", "post_send", "wait_sent", "wait_ack", "drop_read_ack"], sink, "link")
+        instrument(WeightSyncScheme, ["push", "raise_if_failed"], sink, "trainer")
+        instrument(DistributedTransport, ["send_weights_async", "wait_ack", "tidy"], sink, "link")
+        instrument(GroupChannel, ["await_ready", "post", "wait_sent", "wait_ack"], sink, "link.GroupChannel")
     out: dict[str, Any] = defaultdict(list)
     sends_done: list[tuple[int, int, float]] = []
     record_sends(sends_done)
@@ -457,13 +455,14 @@ def ours_trainer(case: Case, reports, sig: "Signals") -> dict:
 
 def push_breakdown(scheme: WeightSyncScheme, model: nn.Module) -> dict[str, float]:
     """Median cost of each piece of push(), measured on the idle scheme (every link waits for a newer version)."""
-    free = 1 - scheme._latest  # unpinned while the links wait, and not the latest: overwriting it sends nothing stale
+    staging = scheme.staging  # its private steps, timed one by one (a benchmark may look inside)
+    free = 1 - staging._latest  # unpinned while the links wait, and not the latest: overwriting it sends nothing stale
     torch.set_grad_enabled(False)  # as inside _snapshot: a copy from parameters that require grad would be recorded
     parts = {
         "push(): raise_if_failed": scheme.raise_if_failed,
-        "push(): _check_sources": scheme._check_sources,
-        "push(): _snapshot (copy + version stamp)": lambda: scheme._snapshot(free, scheme.latest_version),
-        "  of which torch._foreach_copy_": lambda: torch._foreach_copy_(scheme._targets[free], scheme._sources),
+        "push(): _check_sources": staging._check_sources,
+        "push(): _snapshot (copy + version stamp)": lambda: staging._snapshot(free, staging.latest_version),
+        "  of which torch._foreach_copy_": lambda: torch._foreach_copy_(staging.buffers[free].tensors, staging._sources),
         "for scale: named_weights(module)": lambda: named_weights(model),
     }
     out = {}
@@ -496,10 +495,9 @@ def ours_worker(case: Case, rank: int, reports, sig: "Signals") -> dict:
     )
     sink: dict[str, list[float]] = defaultdict(list)
     if case.profile:
-        instrument(DistributedTransport, ["receive_weights", "take_instruction", "_receive_armed", "_superseded", "_fetch_newest", "_receive"], sink, "worker")
-        instrument(getattr(fws_channels, "GroupChannel", None), ["receive", "arm"], sink, "worker.GroupChannel")
-        instrument(getattr(fws_channels, "SharedMemoryChannel", None), ["receive"], sink, "worker.SharedMemoryChannel")
-        instrument(fws_transport, ["_copy_into_module"], sink, "worker")
+        instrument(DistributedTransport, ["receive_weights", "_receive"], sink, "worker")
+        instrument(GroupChannel, ["take_notice", "receive", "_arm", "_superseded", "_fetch_newest"], sink, "worker.GroupChannel")
+        instrument(SharedMemoryChannel, ["take_notice", "receive"], sink, "worker.SharedMemoryChannel")
     receiver = ctx.connect(policy)
     report(reports, sig, case, rank, receiver.version, time.monotonic(), policy)
     rollout = sig.rollouts[rank]
@@ -515,21 +513,16 @@ def ours_worker(case: Case, rank: int, reports, sig: "Signals") -> dict:
     if case.profile:
         transport = receiver._transport
         targets = [named_weights(policy)[name] for name, _, _ in transport.schema.entries]
-        sources = list(transport.wire_buffer["weights"].values())
+        sources = transport.wire_buffer.tensors
         store = transport._store
         strategy = WeightStrategy()
         out["profile"] = dict(sink)
-        copy_into = getattr(fws_transport, "_copy_into_module", None)
         torch.set_grad_enabled(False)  # the policy's parameters require grad; the library copies under no_grad too
         out["micro"] = {
             "WeightStrategy.apply_weights(policy, wire) (schema check + copy)": micro(lambda: strategy.apply_weights(policy, transport.wire_buffer)),
             "torch._foreach_copy_ alone": micro(lambda: torch._foreach_copy_(targets, sources)),
             "store round trip (delete_key of a missing key)": micro(lambda: store.delete_key("fws/bench/missing"), 200),
         }
-        if copy_into is not None:
-            out["micro"]["_copy_into_module(policy, wire) (what poll() applies with)"] = micro(
-                lambda: copy_into(policy, transport.wire_buffer, transport.schema)
-            )
     return out
 
 
@@ -1130,10 +1123,7 @@ def main() -> None:
     ]
     text = render(args, describe_machine(trl_label), rows, latencies, profiled, notes, time.monotonic() - started)
     print("\n" + text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(f"written to {args.out}")
+    write_section("bench_sync", text, args.out)
 
 
 if __name__ == "__main__":
