@@ -58,7 +58,7 @@ from fabric_weightsync.channels.group import GroupChannel
 from fabric_weightsync.channels.shm import SharedMemoryChannel
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.weights import named_weights
-from results_file import write_section
+from results_file import cpu_model, git_head, write_section
 
 
 @dataclass
@@ -837,29 +837,14 @@ def make_row(model: str, workers: int, path: str, nbytes: int, trainer: dict, re
 
 
 def describe_machine(trl_label: str) -> list[str]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     import tensordict
 
     return [
-        f"- nproc: {os.cpu_count()}, CPU: {cpu}, RAM: {psutil.virtual_memory().total / 2**30:.0f} GiB; 1-min load average at start: {LOAD_AT_START:.2f}, at the end: {os.getloadavg()[0]:.2f}",
+        f"- nproc: {os.cpu_count()}, CPU: {cpu_model()}, RAM: {psutil.virtual_memory().total / 2**30:.0f} GiB; 1-min load average at start: {LOAD_AT_START:.2f}, at the end: {os.getloadavg()[0]:.2f}",
         f"- python {platform.python_version()}, torch {torch.__version__}, tensordict {tensordict.__version__}, fabric_weightsync {getattr(fabric_weightsync, '__version__', 'dev')} (git {git_head()})",
         f"- TorchRL path: {trl_label}",
         "- torch threads: 1 per process (OMP_NUM_THREADS=1, torch.set_num_threads(1)); processes forked from a forkserver",
     ]
-
-
-def git_head() -> str:
-    try:
-        import subprocess
-
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a checkout: the version line just says so
-        return "?"
 
 
 def verdict(value: float, target: float, at_most: bool) -> str:

@@ -19,17 +19,19 @@ DEFAULT_PATH = "benchmarks/results.md"
 
 def provenance() -> list[str]:
     """The command, machine, software and commit of this run, as markdown list lines."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return [
         f"- command: `python {shlex.join(sys.argv)}`, {time.strftime('%Y-%m-%d %H:%M')}",
-        f"- machine: {os.cpu_count()} cores, {cpu}; 1-min load average at the end: {os.getloadavg()[0]:.2f}",
+        f"- machine: {os.cpu_count()} cores, {cpu_model()}; 1-min load average at the end: {os.getloadavg()[0]:.2f}",
         f"- python {platform.python_version()}, torch {torch.__version__}, git {git_head()}",
     ]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 def git_head() -> str:

@@ -156,7 +156,7 @@ class ExperienceStream:
         """Stop posting receives; workers of this rank then wait in ``send`` until training stops.
 
         ``wait``: give the receiving threads up to that many seconds in all to finish (those of workers that
-        exited end within 20 ms). The strategy waits at shutdown: a daemon thread still inside a store or gloo
+        exited end at their next look). The strategy waits at shutdown: a daemon thread still inside a store or gloo
         call when the interpreter finalizes aborts the process ("terminate called without an active exception").
         """
         with self._cond:

@@ -118,7 +118,7 @@ class WireBuffer:
         self.tensors = layout.views(storage)
         """Every entry's view, in layout order."""
         words = storage[: 8 * len(layout.header)].view(torch.int64)
-        # Read and written on every update: a memoryview word costs ~50 ns where a tensor op costs microseconds.
+        # Read and written on every update: a memoryview word is far cheaper than a tensor op.
         self._words: Union[memoryview, torch.Tensor] = memoryview(words.numpy()) if storage.is_cpu else words
 
     @classmethod
