@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from fabric_weightsync.protocol import BOOTSTRAP_KEY, STOP_KEY
+from fabric_weightsync.protocol import BOOTSTRAP_KEY, ENDED_KEY, STOP_KEY, TrainingEnded
 
 def open_client(host: str, port: int, timeout: float) -> dist.TCPStore:
     """A new client connection; retries connecting until ``timeout`` (the server may not be up yet)."""
@@ -26,11 +26,14 @@ def open_client(host: str, port: int, timeout: float) -> dist.TCPStore:
 class ControlPlane:
     """Address of the control store plus a way to open more clients to it (one per blocking user)."""
 
-    def __init__(self, host: str, port: int, timeout: float, server: Optional[dist.TCPStore] = None) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float, server: Optional[dist.TCPStore] = None, bootstrap: Optional[dist.Store] = None
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self._server = server
+        self._bootstrap = bootstrap  # rank 0's client of the rendezvous store, where it says the run ended
         self.store = server if server is not None else open_client(host, port, timeout)
 
     @classmethod
@@ -46,16 +49,21 @@ class ControlPlane:
             timeout=timedelta(seconds=timeout),
             master_listen_fd=listener.detach(),
         )
-        plane = cls(main_address, port, timeout, server=server)
         bootstrap = open_client(main_address, bootstrap_port, timeout)
+        bootstrap.delete_key(ENDED_KEY)  # left by an earlier run on the same rendezvous store
         bootstrap.set(BOOTSTRAP_KEY, f"{main_address}:{port}")
-        return plane
+        return cls(main_address, port, timeout, server=server, bootstrap=bootstrap)
 
     @classmethod
     def join(cls, main_address: str, bootstrap_port: int, timeout: float) -> "ControlPlane":
-        """Find the store through the bootstrap store (waits up to ``timeout`` for rank 0 to publish it)."""
+        """Find the store through the bootstrap store (waits up to ``timeout`` for rank 0 to publish it).
+
+        Raises :class:`~fabric_weightsync.protocol.TrainingEnded` when rank 0 already said the run is over.
+        """
         bootstrap = open_client(main_address, bootstrap_port, timeout)
         bootstrap.wait([BOOTSTRAP_KEY], timedelta(seconds=timeout))
+        if bootstrap.check([ENDED_KEY]):
+            raise TrainingEnded("training had already ended when this worker started")
         host, port = bootstrap.get(BOOTSTRAP_KEY).decode().rsplit(":", 1)
         return cls(host, int(port), timeout)
 
@@ -63,7 +71,13 @@ class ControlPlane:
         return open_client(self.host, self.port, self.timeout)
 
     def request_stop(self) -> None:
+        """Tell every worker that training ended, and workers that start from now on that there is nothing to join."""
         self.store.set(STOP_KEY, b"1")
+        if self._bootstrap is not None:
+            try:
+                self._bootstrap.set(ENDED_KEY, b"1")
+            except Exception:  # the rendezvous store went first (its host is shutting down): nobody can start now
+                pass
 
     def stop_requested(self) -> bool:
         return self.store.check([STOP_KEY])

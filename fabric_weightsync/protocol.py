@@ -15,6 +15,8 @@ BOOTSTRAP_KEY = "fabric_weightsync/control"
 """In the rendezvous store on ``MASTER_PORT``: ``host:port`` of the control store."""
 STOP_KEY = "fws/stop"
 """Set once training ended: workers finish and exit."""
+ENDED_KEY = "fabric_weightsync/ended"
+"""In the rendezvous store: training rank 0 has shut down, so a worker that starts now has nothing to join."""
 LATEST_KEY = "fws/latest"
 """The newest version training rank 0 has staged, kept while a worker served over a group holds an unanswered update."""
 
@@ -50,6 +52,10 @@ FIRST_PAUSE_S = 0.00005
 
 class StoreTimeout(RuntimeError):
     """A store key did not appear in time."""
+
+
+class TrainingEnded(RuntimeError):
+    """Training was over before this worker could join it: nothing to do, and nothing failed."""
 
 
 class Aborted(RuntimeError):

@@ -64,7 +64,7 @@ class Staging:
         self.schema = WeightSchema.of(named)
         self.shared: Optional[SharedStaging] = SharedStaging.create(self.schema, 2, workers) if shared else None
         self.buffers: list[WireBuffer] = self.shared.buffers if shared else [make_wire_buffer(named, device=device) for _ in (0, 1)]
-        self._adopt(named)
+        self._sources, self._flat, self._probe, self._streams = self._adopt(named)
         self.pushed = pushed or threading.Condition(threading.RLock())
         """Notified (by the doorbell) after a push, and whenever a waiter's world changes (a failure, close); its lock
         guards the staging's state."""
@@ -201,22 +201,25 @@ class Staging:
             shared.filled(index, shared.nbytes)
             raise
 
-    def _adopt(self, named: dict[str, torch.Tensor]) -> None:
-        self._sources = [named[name] for name, _, _ in self.schema.entries]
+    def _adopt(self, named: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], Optional[FlatWeights], LayoutProbe, bool]:
+        """The weights in schema order, moved into one storage if they can be; the check of their layout; and
+        whether a push streams."""
+        sources = [named[name] for name, _, _ in self.schema.entries]
         module = unwrap(self.module)
-        self._flat = FlatWeights.adopt(module, self.schema, self._sources) if self._flatten else None
-        self._probe = self._flat.probe if self._flat is not None else LayoutProbe(module, self.schema, self._sources)
+        flat = FlatWeights.adopt(module, self.schema, sources) if self._flatten else None
+        probe = flat.probe if flat is not None else LayoutProbe(module, self.schema, sources)
         # Big flat host weights on shared memory are published before they are written (see _stream), unless a
         # checksum must cover every byte first, or the workers' copies would take the trainer's cores. The fill
         # word must become visible after the bytes it covers, which only total store order guarantees.
-        self._streams = (
+        streams = (
             _STORES_IN_ORDER
             and self.shared is not None
             and not self.checksum
-            and self._flat is not None
-            and self._flat.streams
+            and flat is not None
+            and flat.streams
             and self._workers < available_cores()
         )
+        return sources, flat, probe, streams
 
     def _check_sources(self) -> None:
         """Follow weights that were replaced or moved since the workers connected; refuse a changed layout."""
@@ -225,6 +228,6 @@ class Staging:
         named = named_weights(self.module)
         problem = self.schema.mismatch(WeightSchema.of(named), "workers", "trainer now")
         if problem is None:  # same layout, new tensors or new memory (load_state_dict(assign=True), p.data = ...)
-            self._adopt(named)
+            self._sources, self._flat, self._probe, self._streams = self._adopt(named)
             return
         raise SchemaMismatchError(f"The synced module changed its parameters after the workers connected: {problem}")

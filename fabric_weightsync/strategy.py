@@ -5,6 +5,7 @@ import functools
 import importlib
 import logging
 import os
+import pickle
 import sys
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
@@ -105,6 +106,8 @@ class WeightSyncStrategy(DDPStrategy):
         self.worker_fn = _import_worker_fn(worker_fn) if isinstance(worker_fn, str) else worker_fn
         if not callable(self.worker_fn):
             raise TypeError(f"worker_fn must be a function taking a WorkerContext (or 'module:function'), got {worker_fn!r}")
+        if start_method in ("spawn", "forkserver"):
+            _check_picklable(self.worker_fn, start_method)
         super().__init__(start_method=start_method, **ddp_kwargs)
         self.inference_workers = inference_workers
         self.transport = transport
@@ -285,6 +288,18 @@ class WeightSyncStrategy(DDPStrategy):
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_picklable(worker_fn: Callable, start_method: str) -> None:
+    """A spawned worker receives ``worker_fn`` pickled: say so now, not after every process started."""
+    try:
+        pickle.dumps(worker_fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise ValueError(
+            f"worker_fn {getattr(worker_fn, '__qualname__', worker_fn)!r} cannot be sent to a worker started with"
+            f" start_method={start_method!r} ({err}): define it at module level (importable), pass"
+            " 'package.module:function', or use start_method='fork'"
+        ) from err
 
 
 def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float) -> None:

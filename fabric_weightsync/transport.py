@@ -18,7 +18,7 @@ same methods.
 
 import json
 from datetime import timedelta
-from typing import Any, Callable, ContextManager, Literal, Optional, Protocol, TypeVar, Union, runtime_checkable
+from typing import Any, Callable, ContextManager, Literal, Optional, Protocol, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from torch import nn
 import fabric_weightsync.protocol as protocol
 from fabric_weightsync.channels import ChannelError, ChannelTimeout, Endpoint, channel_named, choose, host_id
 from fabric_weightsync.flat import ModuleTargets
-from fabric_weightsync.protocol import Aborted, StoreTimeout, await_key, worker_keys
+from fabric_weightsync.protocol import Aborted, StoreTimeout, TrainingEnded, await_key, poll_until, worker_keys
 from fabric_weightsync.weights import SchemaMismatchError, WeightSchema, WeightStrategy, make_wire_buffer
 from fabric_weightsync.wire import WireBuffer
 
@@ -51,7 +51,6 @@ class TransportTimeout(TransportError):
     """A wait ran out of time: the peer may still be alive but busy."""
 
 
-@runtime_checkable
 class StagedWeights(Protocol):
     """A sender's staging that always holds the newest version (what :class:`~fabric_weightsync.staging.Staging` is)."""
 
@@ -173,9 +172,10 @@ class DistributedTransport:
         if self._store is None or self._rank is None:
             return
         self.wait_ack()  # a send still in flight reads the buffer that staging would rewrite
-        if isinstance(weights, StagedWeights):
+        pin_latest = getattr(weights, "pin_latest", None)  # StagedWeights; a Protocol isinstance costs every send
+        if pin_latest is not None:
             self._call(lambda: self._channel.await_ready(None), "waiting for the worker to be ready")
-            with weights.pin_latest() as wire:
+            with pin_latest() as wire:
                 self._post(wire, protocol.UPDATE_TAG)
                 self._call(self._channel.wait_sent, "sending an update")
             return
@@ -272,9 +272,11 @@ class DistributedTransport:
             self._rank = self._endpoint.rank = worker_idx + 1
         keys = self._keys
         hello = {"schema": json.loads(self._schema.to_json()), "host": host_id()}
+        self._store.delete_key(keys.verdict)  # an earlier connection's, never read: the sender answers this hello anew
         self._store.set(keys.hello, json.dumps(hello).encode())
+        self._await_verdict(worker_idx)
         verdict = self._read_json(keys.verdict, "for the trainer to check this worker's schema")
-        self._store.delete_key(keys.verdict)
+        self._store.delete_key(keys.verdict)  # the worker's to remove: the sender never deletes a verdict being read
         if "error" in verdict:
             raise SchemaMismatchError(f"Worker {worker_idx} (rank {self._rank}) policy differs from the trainer's: {verdict['error']}")
         opened = lambda: channel_named(verdict["channel"]).for_receiver(self._endpoint, verdict, self._schema)  # noqa: E731
@@ -295,7 +297,7 @@ class DistributedTransport:
         self._closed = True
         if self._store is not None and self._rank is not None:
             keys = self._keys
-            for key in (keys.instruction, keys.ready, keys.ack, keys.hello, keys.verdict):
+            for key in (keys.instruction, keys.ready, keys.ack, keys.hello):
                 try:
                     self._store.delete_key(key)
                 except Exception:  # the store may already be gone at shutdown
@@ -364,6 +366,17 @@ class DistributedTransport:
         except RuntimeError as err:
             raise TransportError(f"Worker rank {self._rank}: update {version} was applied but could not be acknowledged: {err}") from err
         return received
+
+    def _await_verdict(self, worker_idx: int) -> None:
+        """Wait for the sender's verdict; raise :class:`TrainingEnded` if training ends first (nobody will answer)."""
+        store, verdict = self._store, self._keys.verdict
+        if not poll_until(lambda: store.check([verdict]) or store.check([protocol.STOP_KEY]), self._timeout, max_pause=protocol.SLOW_POLL_S):
+            raise TransportTimeout(
+                f"Timed out waiting for the trainer to check this worker's schema (worker rank {self._rank}, store key"
+                f" {verdict!r}) after {self._timeout:.1f}s"
+            )
+        if not store.check([verdict]):
+            raise TrainingEnded(f"training ended before worker {worker_idx} could connect")
 
     def _read_json(self, key: str, what: str) -> dict:
         raw = self._call(lambda: await_key(self._store, key, f"{what} (worker rank {self._rank})"), what)

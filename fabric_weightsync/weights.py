@@ -116,7 +116,8 @@ class LayoutProbe:
 
     It remembers, for each weight, the dict that holds it (a module's ``_parameters`` or ``_buffers``) and every
     parent/child edge leading to that module, so replacing a parameter, a buffer or a whole submodule, or
-    reshaping a tensor (``p.data = ...``), is seen. With ``pin_addresses`` it compares where each tensor's data
+    reshaping a tensor (``p.data = ...``), is seen; and how many entries every module's tables hold, so a
+    parameter, buffer or submodule registered later is seen too. With ``pin_addresses`` it compares where each tensor's data
     lives instead of its shape, which also catches data that moved (``p.data = other``, ``module.half()``) when
     something else reads that memory; only an in-place view op (``p.t_()``) could reshape a tensor in place.
     The checks run as ``map`` over prebuilt lists, since every push pays for them.
@@ -139,10 +140,14 @@ class LayoutProbe:
             self.attrs.append(attr)
         self.edge_tables, self.edge_names, self.edge_children = (list(column) for column in zip(*edges.values())) if edges else ([], [], [])
         self.addresses = list(map(torch.Tensor.data_ptr, self.sources)) if pin_addresses else None
+        # Every module's tables of parameters, buffers and children: one registered later changes a count.
+        self.registries = [table for m in module.modules() for table in (m._parameters, m._buffers, m._modules)]
+        self.sizes = list(map(len, self.registries))
 
     def unchanged(self) -> bool:
         return (
-            all(map(operator.is_, map(dict.get, self.edge_tables, self.edge_names), self.edge_children))
+            list(map(len, self.registries)) == self.sizes
+            and all(map(operator.is_, map(dict.get, self.edge_tables, self.edge_names), self.edge_children))
             and all(map(operator.is_, map(dict.get, self.tables, self.attrs), self.sources))
             and (
                 list(map(_shape_of, self.sources)) == self.shapes

@@ -16,7 +16,7 @@ from torch import nn
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout
 from fabric_weightsync.experience_sender import ExperienceSender
-from fabric_weightsync.protocol import worker_keys
+from fabric_weightsync.protocol import STOP_KEY, TrainingEnded, worker_keys
 from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import WeightStrategy
 
@@ -31,6 +31,9 @@ TRAINER_LOST_TIMEOUT = 10.0
 EXIT_TRAINER_LOST = 75
 """Exit code of a worker that lost training rank 0."""
 
+UPDATE_WAIT_SLICE_S = 0.1
+"""``wait_for_update`` waits in slices this long, so it notices the end of training."""
+
 
 class WeightReceiver:
     """The collector-side callback: applies the trainer's newest weights to the local policy between rollouts.
@@ -40,6 +43,9 @@ class WeightReceiver:
     the rollout runs (nccl: one store round trip). Updates are applied in the calling thread,
     all at once, only after they fully arrived: code that runs the policy in the same thread never sees it
     half-updated. ``version`` is the trainer's optimizer-step count of the applied weights and only grows.
+
+    Safe to call from several threads: one receives and applies at a time; a ``poll()`` that finds another thread
+    receiving returns ``False`` at once (that thread applies the update).
     """
 
     def __init__(self, policy: nn.Module, strategy: WeightStrategy, context: "WorkerContext", flatten_weights: bool = True) -> None:
@@ -47,6 +53,7 @@ class WeightReceiver:
         self._strategy = strategy
         self._context = context
         self._flatten_weights = flatten_weights
+        self._receiving = threading.Lock()  # two receives at once would post two receives into one landing buffer
         self._transport = self._connect()
 
     def _connect(self) -> DistributedTransport:
@@ -77,8 +84,29 @@ class WeightReceiver:
         return self._transport.version
 
     def poll(self) -> bool:
-        """Apply a pending update if there is one, without waiting; returns whether one was applied."""
-        return self._receive(0.0)
+        """Apply a pending update if there is one, without waiting; returns whether this call applied one."""
+        if not self._receiving.acquire(blocking=False):
+            return False  # another thread is receiving: it applies what is pending
+        try:
+            return self._receive(0.0)
+        finally:
+            self._receiving.release()
+
+    def wait_for_update(self, timeout: float) -> bool:
+        """Block until a newer version is applied (``True``), or ``timeout`` passes or training stops (``False``)."""
+        deadline = time.monotonic() + timeout
+        version = self.version
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._context.stop_requested:
+                return False
+            if not self._receiving.acquire(timeout=min(remaining, UPDATE_WAIT_SLICE_S)):
+                continue
+            try:
+                if self.version > version or self._receive(min(remaining, UPDATE_WAIT_SLICE_S)):
+                    return True  # applied here, or by another thread while this one waited for the lock
+            finally:
+                self._receiving.release()
 
     def _receive(self, timeout: float) -> bool:
         self._rejoin_if_evicted()
@@ -90,16 +118,6 @@ class WeightReceiver:
                 raise
             self._rejoin_if_evicted()
             return False
-
-    def wait_for_update(self, timeout: float) -> bool:
-        """Block until a newer version is applied (``True``), or ``timeout`` passes or training stops (``False``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._context.stop_requested:
-                return False
-            if self._receive(min(remaining, 0.1)):
-                return True
 
 
 @dataclass
@@ -128,6 +146,10 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self._stop = False
+        self.training_ended = False
+        """Whether this worker has seen training rank 0's stop flag (training ended normally)."""
+        self.trainer_lost = False
+        """Whether training rank 0 became unreachable before this worker saw it end."""
         self.evicted = False
         self._receiver: Optional[WeightReceiver] = None
         self._sender: Optional[ExperienceSender] = None
@@ -180,9 +202,9 @@ class WorkerContext:
         """True once training has ended (the trainer delivered the final version first) or was lost."""
         if not self._stop:
             try:
-                self._stop = self.control.stop_requested()
+                self._stop = self.training_ended = self.training_ended or self.control.stop_requested()
             except RuntimeError:  # the store died with training rank 0
-                self._stop = True
+                self.request_local_stop(lost=True)
         return self._stop
 
     def check_evicted(self) -> bool:
@@ -190,8 +212,10 @@ class WorkerContext:
         self.evicted = self.evicted or self.control.store.check([worker_keys(self.rank).evicted])
         return self.evicted
 
-    def request_local_stop(self) -> None:
+    def request_local_stop(self, lost: bool = False) -> None:
+        """Stop this worker; ``lost``: because training rank 0 is unreachable (unless it said training ended)."""
         self._stop = True
+        self.trainer_lost = self.trainer_lost or (lost and not self.training_ended)
 
 
 class _Heartbeat(threading.Thread):
@@ -218,24 +242,25 @@ class _Heartbeat(threading.Thread):
             try:
                 self._store.add(keys.heartbeat, 1)
                 self.context.evicted = self.context.evicted or self._store.check([keys.evicted])
+                # A normal end must never read as a lost trainer, even if worker_fn never looked at the flag.
+                self.context.training_ended = self.context.training_ended or self._store.check([STOP_KEY])
                 failing_since = None
             except Exception:
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since > 2 * HEARTBEAT_INTERVAL:  # one slow call is not a lost trainer
-                    self.context.request_local_stop()
+                    self.context.request_local_stop(lost=True)
                 if now - failing_since > TRAINER_LOST_TIMEOUT:
-                    print(
-                        f"[fabric_weightsync] worker {self.context.worker_id}: training rank 0 unreachable for"
-                        f" {TRAINER_LOST_TIMEOUT:.0f}s, exiting",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    _say(f"worker {self.context.worker_id}: training rank 0 unreachable for {TRAINER_LOST_TIMEOUT:.0f}s, exiting")
                     os._exit(EXIT_TRAINER_LOST)
 
 
-def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerContext) -> None:
-    """Run ``worker_fn`` with heartbeats; report an exception to the trainer (then re-raise it) and the exit."""
+def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerContext) -> int:
+    """Run ``worker_fn`` with heartbeats; report an exception to the trainer (then re-raise it) and the exit.
+
+    Returns the process's exit code: 0, or :data:`EXIT_TRAINER_LOST` when ``worker_fn`` returned because training
+    rank 0 became unreachable (a scheduler must not read that as success).
+    """
     store, keys = context.control.store, worker_keys(context.rank)
     for stale in (keys.error, keys.exit, keys.evicted):  # a previous process's
         store.delete_key(stale)
@@ -244,7 +269,10 @@ def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerCont
     heartbeat.start()
     code = "1"
     try:
-        worker_fn(context)
+        try:
+            worker_fn(context)
+        except TrainingEnded as ended:
+            _say(f"worker {context.worker_id}: {ended}; nothing to do, exiting")
         code = "0"
     except BaseException:
         _report(store, keys.error, traceback.format_exc())
@@ -252,6 +280,14 @@ def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerCont
     finally:
         heartbeat.stop()
         _report(store, keys.exit, code)
+    if context.trainer_lost:
+        _say(f"worker {context.worker_id}: training rank 0 became unreachable before training ended")
+        return EXIT_TRAINER_LOST
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"[fabric_weightsync] {message}", file=sys.stderr, flush=True)
 
 
 def _report(store, key: str, value: str) -> None:
@@ -285,6 +321,11 @@ class WorkerSpec:
         layout = self.layout
         worker_id = layout.worker_id(node_rank, local_rank)
         try:
+            control = ControlPlane.join(main_address, main_port, self.sync_timeout)
+        except TrainingEnded as ended:
+            _say(f"worker {worker_id}: {ended}; nothing to do, exiting")
+            return 0
+        try:
             context = WorkerContext(
                 worker_id=worker_id,
                 num_workers=layout.num_workers,
@@ -292,16 +333,15 @@ class WorkerSpec:
                 local_rank=local_rank,
                 node_rank=node_rank,
                 device=self.device(local_rank - layout.devices),
-                control=ControlPlane.join(main_address, main_port, self.sync_timeout),
+                control=control,
                 backend=self.backend,
                 timeout=self.sync_timeout,
                 num_training_ranks=layout.devices * layout.num_nodes,
             )
-            run_worker(self.worker_fn, context)
+            return run_worker(self.worker_fn, context)
         except BaseException:
-            print(f"[fabric_weightsync] inference worker {worker_id} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            _say(f"inference worker {worker_id} failed:\n{traceback.format_exc()}")
             return 1
-        return 0
 
     def report_exit(self, main_address: str, main_port: int, node_rank: int, local_rank: int, code: int) -> None:
         """A launcher saw a worker process of this node die: tell rank 0's monitor at once."""
