@@ -45,7 +45,7 @@ class Links:
         self.staging = staging
         self.timeout = timeout
         self.health = health
-        self._open_store = open_store
+        self.open_store = open_store
         self.transport_for = transport_for
         self.closing = False
         self.group_workers = 0
@@ -120,9 +120,6 @@ class Links:
     def serving_over_group(self, joined: bool) -> None:
         with self.staging.pushed:
             self.group_workers += 1 if joined else -1
-
-    def open_store(self) -> dist.Store:
-        return self._open_store()
 
     def _latest_due(self) -> bool:
         """Whether the newest version must reach the store now (asked under the lock before the links wake).

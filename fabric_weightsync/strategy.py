@@ -5,9 +5,9 @@ import functools
 import importlib
 import logging
 import os
-import pickle
 import sys
 from datetime import timedelta
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -291,10 +291,10 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _check_picklable(worker_fn: Callable, start_method: str) -> None:
-    """A spawned worker receives ``worker_fn`` pickled: say so now, not after every process started."""
+    """A spawned worker receives ``worker_fn`` pickled (by multiprocessing): say so now, not after every process started."""
     try:
-        pickle.dumps(worker_fn)
-    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        ForkingPickler.dumps(worker_fn)  # what spawn does with it; nothing here is ever unpickled
+    except Exception as err:  # noqa: BLE001 - PicklingError, or whatever the object's reducer raises
         raise ValueError(
             f"worker_fn {getattr(worker_fn, '__qualname__', worker_fn)!r} cannot be sent to a worker started with"
             f" start_method={start_method!r} ({err}): define it at module level (importable), pass"
