@@ -17,14 +17,12 @@ import signal
 import sys
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
 import psutil
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import (
     EXIT_GRACE_S,
     REPO_ROOT,
@@ -419,15 +417,14 @@ def test_trainer_killed_mid_transfer(fault_run, transport, behaviours):
 
 
 @pytest.mark.timeout(60)
-def test_worker_exits_cleanly_with_a_heartbeat_in_flight(store, tmp_path):
+def test_worker_exits_cleanly_with_a_heartbeat_in_flight(control_store, tmp_path):
     """A daemon thread still inside a store call when the interpreter finalizes aborts the process ("terminate
     called without an active exception", exit -6) after the worker's work is done: the heartbeat must be
     stopped and joined before the worker process exits."""
     from fabric_weightsync.control import ControlPlane
 
-    server, _ = store
-    control = ControlPlane.serve("127.0.0.1", server.port, 30.0)
-    cmd = [sys.executable, str(SCRIPTS_DIR / "exit_while_beating.py"), str(server.port)]
+    control = ControlPlane.serve("127.0.0.1", control_store.port, 30.0)
+    cmd = [sys.executable, str(SCRIPTS_DIR / "exit_while_beating.py"), str(control_store.port)]
     runs = [run_processes([cmd], [clean_env()], tmp_path / f"exit{index}", timeout=30) for index in range(5)]
     assert [run.returncode for run in runs] == [0] * 5, [run.stderr[-300:] for run in runs if run.returncode]
     assert not [run.leftovers for run in runs if run.leftovers]
@@ -553,17 +550,6 @@ def test_schema_mismatch_at_connect_and_after_a_change(fault_run):
 
 
 # ---------------------------------------------------------------------------------------------- 7. timeouts
-@pytest.fixture
-def store():
-    """A real TCPStore server; ``client(timeout)`` opens more clients (the library gives each blocking user one)."""
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
-
-    def client(timeout: float = 10.0) -> dist.TCPStore:
-        return dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout))
-
-    yield server, client
-
-
 def small_policy(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -587,18 +573,17 @@ def assert_timed_out(err: Optional[BaseException], took: float, limit: float, *n
 
 
 @pytest.mark.timeout(60)
-def test_blocking_calls_time_out_saying_what_they_waited_for(store):
+def test_blocking_calls_time_out_saying_what_they_waited_for(store_client):
     """Every blocking step with no peer gives up within its timeout and names what it waited for (and the store
     key). Store clients get the transport's timeout, as the library's own ``ControlPlane.client()`` does."""
     from fabric_weightsync import DistributedTransport
     from fabric_weightsync.control import ControlPlane
 
-    _, client = store
     timeout = 0.5
     limit = timeout + 2.5
 
     def transport(rank: int) -> DistributedTransport:
-        return DistributedTransport(weights_buffer=small_policy(), store=client(timeout), rank=rank, timeout=timeout)
+        return DistributedTransport(weights_buffer=small_policy(), store=store_client(timeout), rank=rank, timeout=timeout)
 
     # Connect with no trainer, and with no worker.
     _, err, took = timed(lambda: transport(1).setup_connection_and_weights_on_receiver(worker_idx=0, model=small_policy()))
@@ -622,7 +607,7 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
 
     # An armed worker that was busy drops an update superseded meanwhile, and the newest one never comes.
     sender = DistributedTransport(
-        weights_buffer=small_policy(), store=client(timeout), rank=6, timeout=timeout, latest_key="test/latest"
+        weights_buffer=small_policy(), store=store_client(timeout), rank=6, timeout=timeout, latest_key="test/latest"
     )
     receiver, policy = transport(6), small_policy(1)
     connecting = threading.Thread(target=sender.setup_connection_and_weights_on_sender)
@@ -630,7 +615,7 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     receiver.setup_connection_and_weights_on_receiver(worker_idx=5, model=policy)
     connecting.join(10)
     assert sender.peer_armed
-    client(timeout).set("test/latest", b"7")
+    store_client(timeout).set("test/latest", b"7")
     sender.send_weights_async(small_policy(2), version=3)
     time.sleep(0.01)  # the worker's "rollout": the update lands meanwhile
     _, err, took = timed(lambda: receiver.receive_weights(0, model=policy))
@@ -653,34 +638,32 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
 
 
 @pytest.mark.timeout(60)
-def test_transport_timeout_holds_whatever_the_store_clients_timeout(store):
+def test_transport_timeout_holds_whatever_the_store_clients_timeout(store_client):
     """``DistributedTransport(timeout=0.5)`` documents "seconds any single blocking step may take": a store
     client opened with a longer timeout (the default one is 5 minutes) must not stretch a connect to it."""
     from fabric_weightsync import DistributedTransport
 
-    _, client = store
-    receiver = DistributedTransport(weights_buffer=small_policy(), store=client(10.0), rank=1, timeout=0.5)
+    receiver = DistributedTransport(weights_buffer=small_policy(), store=store_client(10.0), rank=1, timeout=0.5)
     _, err, took = timed(lambda: receiver.setup_connection_and_weights_on_receiver(worker_idx=0, model=small_policy()))
     assert_timed_out(err, took, 3.0, "check this worker's schema")
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
-def test_wait_for_update_returns_false_on_timeout(store, transport):
+def test_wait_for_update_returns_false_on_timeout(control_store, transport):
     """``WeightReceiver.wait_for_update(0.2)`` with nothing pushed returns False after about 0.2 s, then True
     once a version is pushed (a real scheme and worker context on a real store, in one process)."""
     from fabric_weightsync import WeightSyncScheme, WorkerContext
     from fabric_weightsync.control import ControlPlane
 
-    server, _ = store
-    plane = ControlPlane("127.0.0.1", server.port, timeout=10.0, server=server)
+    plane = ControlPlane("127.0.0.1", control_store.port, timeout=10.0, server=control_store)
     trainer_policy = small_policy(0)
     scheme = WeightSyncScheme(plane, 1, transport=transport, timeout=10.0)
     scheme.start(trainer_policy)
     try:
         ctx = WorkerContext(
             worker_id=0, num_workers=1, global_rank=1, local_rank=1, node_rank=0, device=torch.device("cpu"),
-            control=ControlPlane("127.0.0.1", server.port, timeout=10.0), timeout=10.0,
+            control=ControlPlane("127.0.0.1", control_store.port, timeout=10.0), timeout=10.0,
         )  # fmt: skip
         policy = small_policy(1)
         rx = ctx.connect(policy)

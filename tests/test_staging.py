@@ -6,11 +6,9 @@ of the same files is an independent reader exactly as a worker process is (flock
 
 import threading
 import time
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fabric_weightsync import SchemaMismatchError, WeightSchema, WeightSyncScheme
@@ -169,9 +167,9 @@ def test_tensors_that_cannot_move_keep_their_memory():
 
 # ---------------------------------------------------------------------- the scheme's push
 @pytest.fixture
-def control():
-    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    yield ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
+def control(control_store):
+    """Rank 0's control plane, bootstrapped from the store this test hosts."""
+    yield ControlPlane.serve("127.0.0.1", control_store.port, 30.0)
 
 
 @pytest.fixture
