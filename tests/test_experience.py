@@ -9,7 +9,6 @@ import functools
 import gc
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
-from conftest import clean_env
+from conftest import clean_env, free_port
 from _experience_workers import (
     batch_seq,
     checking_worker,
@@ -34,12 +33,6 @@ from _experience_workers import (
 from fabric_weightsync import WeightSyncCallback, WeightSyncStrategy, WorkerFailedError
 from fabric_weightsync.experience import ExperienceError, ExperienceSchema, _Layout, _storage
 from tensordict import NonTensorData, TensorDict
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
