@@ -35,6 +35,7 @@ from conftest import (
     run_processes,
     sigkill,
     slurm_envs,
+    wait_until,
 )
 from torch import nn
 
@@ -217,7 +218,7 @@ def slurm_faults(tmp_path_factory):
 
     Worker 0 SIGKILLs itself right after its connect returned, before its heartbeat thread beat once. Worker 1
     starts 3 s after rank 0's monitor (a slow import) and connects at once. Worker 2 is SIGKILLed by the test in
-    the middle of a rollout, 2.5 s after worker 1 connected; its failure ends the run.
+    the middle of a rollout, once rank 0 has trained on for 2.5 s after worker 1 connected; its failure ends the run.
     """
     run = FaultRun(tmp_path_factory.mktemp("slurm_faults") / "run")
     try:
@@ -230,10 +231,11 @@ def slurm_faults(tmp_path_factory):
         cmd = [sys.executable, str(SCRIPT), *map(str, args)]
         procs = {rank: run.start(f"task{rank}", cmd, envs[rank]) for rank in (0, 1, 3)}
         run.wait_for("CONTROL", 90)
-        time.sleep(HEARTBEAT_TIMEOUT + 1.0)
+        time.sleep(HEARTBEAT_TIMEOUT + 1.0)  # the scenario, not a wait for anything: worker 1's process starts late
         procs[2] = run.start("task2", cmd, envs[2])
         late = run.wait_for("LATE_CONNECTED", 90)
-        time.sleep(max(0.0, late["t"] + 2.5 - time.time()))  # long enough for a wrong verdict on worker 1 to show
+        # Rank 0 trains on (its monitor running) long enough after worker 1 connected for a wrong verdict on it to show.
+        run.wait_for("PROGRESS", 60, lambda e: e["t"] >= late["t"] + HEARTBEAT_TIMEOUT + 0.5, proc="task0")
         killed_at = sigkill(run.worker_pid(2))
         run.wait_all(60)
         run.assert_no_survivors()
@@ -306,7 +308,7 @@ def rejoin_run(tmp_path_factory):
         sigkill(victim.pid)
         dead = run.wait_for("WORKER_STATUS", 20, lambda e: e["alive"][0] is False)
         run.start("replacement", cmdline, env, cwd=cwd)
-        time.sleep(max(0.0, hung_at + HEARTBEAT_TIMEOUT + 1.5 - time.time()))
+        run.wait_for("WORKER_STATUS", 30, lambda e: e["alive"][1] is False)  # hung until it is evicted
         hung.resume()
         resumed_at = time.time()
         run.wait_all(90)
@@ -617,7 +619,12 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store_client):
     assert sender.peer_armed
     store_client(timeout).set("test/latest", b"7")
     sender.send_weights_async(small_policy(2), version=3)
-    time.sleep(0.01)  # the worker's "rollout": the update lands meanwhile
+    # The worker's "rollout": the update lands meanwhile, and the worker's last look (when it armed) gets older
+    # than a fresh one (0.5 ms), after which it asks the store whether what landed is still the newest.
+    wait_until(
+        lambda: receiver._group_channel.landed() and time.monotonic() - receiver._looked_at > 0.005,
+        10, "the update landed in the armed receive",
+    )  # fmt: skip
     _, err, took = timed(lambda: receiver.receive_weights(0, model=policy))
     assert_timed_out(err, took, limit, "dropped a superseded update")
     assert sender.wait_ack() is False and receiver.version == 0

@@ -235,10 +235,14 @@ def test_a_worker_copies_behind_a_streamed_push(scheme_of, monkeypatch):
     assert scheme._streams, "flat host weights of several chunks on shared memory"
     staging = scheme._staging
     report = staging.filled
+    worker_started = threading.Event()
 
-    def slow_report(index: int, nbytes: int) -> None:  # a slow trainer: the worker must overlap its write
+    def slow_report(index: int, nbytes: int) -> None:
+        """A slow trainer: once the buffer is published, it writes the next chunk only after the worker started
+        copying, so the worker's copy must overlap the trainer's write."""
         report(index, nbytes)
-        time.sleep(0.01)
+        if staging.published()[1] == index and not worker_started.wait(10):
+            worker_started.set()  # the worker never came: let the push end, the assertions below say why
 
     monkeypatch.setattr(staging, "filled", slow_report)
     reader = SharedStaging.open(staging.schema, staging.paths, staging.board_path)
@@ -250,6 +254,7 @@ def test_a_worker_copies_behind_a_streamed_push(scheme_of, monkeypatch):
         assert channel.take_notice(10.0)
         _, index, _ = reader.published()
         seen["fill at start"] = reader.fill_of(index)
+        worker_started.set()
         seen["landed"] = channel.receive(landing, 0, land=True)
 
     thread = threading.Thread(target=worker)
