@@ -334,7 +334,9 @@ def test_push_never_waits_on_a_worker_copying_from_shared_memory(scheme_of):
         assert reader.try_lock(newest, shared=True)  # now a worker copies out of each buffer
         started = time.monotonic()
         assert not scheme.push(3), "both buffers are being read: the version is remembered"
-        assert time.monotonic() - started < 0.1, "push() must not wait for a reader"
+        # The bound is the feature: a push that waited for the readers would wait forever (this very thread holds
+        # their locks); one that does not returns in microseconds. 5 s leaves room for a loaded machine.
+        assert time.monotonic() - started < 5.0, "push() must not wait for a reader"
         assert published(scheme)[0] == 2, "nothing was written under a reader"
 
         reader.unlock(older)

@@ -264,7 +264,8 @@ def test_receive_weights_returns_none_when_nothing_is_sent(control_store, start_
     got = results(tmp_path)
     assert got["waited"] is None and got["polled"] is None
     assert wait_s <= got["waited_s"] < wait_s + 5.0, "receive_weights(timeout) must wait about that long, then give up"
-    assert got["polled_s"] < 1.0, "receive_weights(0) polls once"
+    # The bound is the feature: one poll is a store round trip; a receive that waited would take TIMEOUT (20 s).
+    assert got["polled_s"] < 5.0, "receive_weights(0) polls once"
     assert got["unchanged"] and got["version_after_polls"] == 0
     # A timed-out receive leaves the transport usable.
     assert got["got_update"] and got["version"] == 1
