@@ -404,6 +404,7 @@ def test_receive_weights_into_buffer_and_with_strategy(control_store, start_peer
     assert_equal_weights(third["policy"], expected[3])
 
 
+@pytest.mark.timeout(60)
 def test_abort_after_close_leaves_the_next_connection_alone(control_store):
     """A failure declared for a connection that already closed must not abort, or leave keys for, the next one.
 
