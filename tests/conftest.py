@@ -1,4 +1,5 @@
-"""Shared machinery of the core suite: free ports, clean launch environments, launch runs and leftover checks.
+"""Shared machinery of the core suite: free ports, clean launch environments, waiting on conditions, a store the
+test hosts, processes started and watched while they run, launch runs and leftover checks.
 
 Every multi-process test here uses real processes on loopback; nothing of torch.distributed or Fabric is mocked.
 """
@@ -10,14 +11,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 import pytest
+import torch.distributed as dist
 
 TESTS_DIR = Path(__file__).resolve().parent
 SCRIPTS_DIR = TESTS_DIR / "scripts"
@@ -59,6 +63,58 @@ def _pythonpath() -> str:
     # The package is installed editable, but a checkout that is not installed must still import.
     existing = os.environ.get("PYTHONPATH")
     return os.pathsep.join([str(REPO_ROOT)] + ([existing] if existing else []))
+
+
+def slurm_envs(env: dict, tasks_per_node: int, nodes: int = 1) -> list[dict]:
+    """The environment ``srun`` gives each task of a job on ``nodes`` nodes (all of them this host), by rank."""
+    total = tasks_per_node * nodes
+    return [
+        {
+            **env,
+            "SLURM_NTASKS": str(total), "SLURM_NTASKS_PER_NODE": str(tasks_per_node), "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank % tasks_per_node), "SLURM_NODEID": str(rank // tasks_per_node),
+            "SLURM_NNODES": str(nodes), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost",
+        }  # fmt: skip
+        for rank in range(total)
+    ]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds.
+
+    Tests wait on the condition they need like this, never on a fixed sleep: a loaded machine makes the wait
+    longer, not the test wrong."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting until {what}"
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
+# ---------------------------------------------------------------------- a store the test hosts
+STORE_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def control_store():
+    """A TCPStore server this test hosts on 127.0.0.1 (an OS-chosen port), as training rank 0 hosts the control
+    store: transports, control planes and peer processes connect to ``control_store.port``."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    yield server
+
+
+@pytest.fixture
+def store_client(control_store):
+    """``store_client(timeout)`` opens a new client of :func:`control_store` whose calls give up after
+    ``timeout`` seconds (the library gives each of its blocking users a client of its own)."""
+
+    def client(timeout: float = 10.0) -> dist.TCPStore:
+        return dist.TCPStore(
+            "127.0.0.1", control_store.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+        )
+
+    return client
 
 
 # ---------------------------------------------------------------------- leftover processes
@@ -131,6 +187,181 @@ def no_leftover_processes(monkeypatch):
         pytest.fail(f"{len(left)} process(es) outlived the test by {EXIT_GRACE_S:.0f}s:\n" + "\n".join(left))
 
 
+# ---------------------------------------------------------------------- started processes, watched as they run
+class Proc:
+    """One process of a :class:`Processes`: its stdout lines as they come (copied to ``NAME.out``), its stderr in
+    ``NAME.err``, and when it exited (``time.time()``)."""
+
+    def __init__(self, name: str, popen: subprocess.Popen, group: "Processes") -> None:
+        self.name = name
+        self.popen = popen
+        self.lines: list[str] = []
+        self.exit_time: Optional[float] = None
+        self._group = group
+        self._threads = [threading.Thread(target=self._read, daemon=True), threading.Thread(target=self._wait, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.popen.returncode
+
+    @property
+    def stdout(self) -> str:
+        with self._group.cond:
+            return "".join(line + "\n" for line in self.lines)
+
+    def stderr(self) -> str:
+        path = self._group.out_dir / f"{self.name}.err"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _read(self) -> None:
+        with open(self._group.out_dir / f"{self.name}.out", "w") as copy:  # for a post-mortem of a failed run
+            for raw in self.popen.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                copy.write(line + "\n")
+                copy.flush()
+                self._group._line(self, line)
+
+    def _wait(self) -> None:
+        self.popen.wait()
+        with self._group.cond:
+            self.exit_time = time.time()
+            self._group.cond.notify_all()
+
+
+class Processes:
+    """The processes of a launch (or of launches run together): started, watched while they run, killed as one.
+
+    Each starts in a session of its own, so :meth:`kill` takes its whole tree, with ``LAUNCH_TAG_ENV`` set to
+    this group's tag, so :meth:`leftovers` finds all it spawned, even processes orphaned and re-parented to init.
+    Subclasses see each stdout line as it comes in :meth:`on_line` (called holding :attr:`cond`, which is
+    notified at each line and each exit).
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tag = f"run-{uuid.uuid4().hex}"
+        self.procs: list[Proc] = []
+        self.cond = threading.Condition()
+
+    def start(self, name: str, cmd: list, env: dict, cwd: Optional[str] = None) -> Proc:
+        with open(self.out_dir / f"{name}.err", "wb") as stderr:
+            popen = subprocess.Popen(
+                cmd, env={**env, LAUNCH_TAG_ENV: self.tag}, cwd=cwd or str(self.out_dir), stdout=subprocess.PIPE,
+                stderr=stderr, start_new_session=True,
+            )  # fmt: skip
+        proc = Proc(name, popen, self)
+        with self.cond:
+            self.procs.append(proc)
+        return proc
+
+    def on_line(self, proc: Proc, line: str) -> None:
+        pass
+
+    def _line(self, proc: Proc, line: str) -> None:
+        with self.cond:
+            proc.lines.append(line)
+            self.on_line(proc, line)
+            self.cond.notify_all()
+
+    def running(self) -> bool:
+        with self.cond:
+            return any(proc.exit_time is None for proc in self.procs)
+
+    def watch(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds (called holding :attr:`cond`); ``False`` once ``timeout`` passed, or
+        every process exited, without it."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.running():
+                    return predicate()
+                self.cond.wait(min(left, 0.2))
+        return True
+
+    def wait(self, timeout: float, settle: Optional[tuple[str, float]] = None) -> bool:
+        """Wait until every process exited; ``False`` if some still run after ``timeout`` (they are left running).
+
+        ``settle=(marker, seconds)``: once ``marker`` appears in any output, they have ``seconds`` left to exit.
+        """
+        deadline = time.monotonic() + timeout
+        next_look = 0.0
+        with self.cond:
+            while self.running():
+                now = time.monotonic()
+                if settle is not None and now >= next_look:
+                    next_look = now + 0.2
+                    if self._said(settle[0]):
+                        deadline, settle = min(deadline, now + settle[1]), None
+                if now >= deadline:
+                    return False
+                self.cond.wait(min(deadline - now, 0.2))
+        return True
+
+    def _said(self, marker: str) -> bool:
+        return any(marker in line for proc in self.procs for line in proc.lines) or any(
+            marker in proc.stderr() for proc in self.procs
+        )
+
+    def kill(self) -> None:
+        """SIGKILL every process's session, and anything else carrying this group's tag."""
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in tagged_processes(self.tag, LAUNCH_TAG_ENV):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+    def leftovers(self, grace: float = EXIT_GRACE_S) -> list[str]:
+        """Processes of this group still alive after ``grace`` seconds, described; they are killed."""
+        return wait_for_leftovers(self.tag, grace=grace, variable=LAUNCH_TAG_ENV)
+
+    def join_readers(self, timeout: float = 5.0) -> None:
+        """Let the readers take the last output; one that a surviving descendant keeps open is given up on."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            for thread in proc._threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        self.kill()
+        for proc in self.procs:
+            try:
+                proc.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.join_readers()
+
+    def describe(self) -> str:
+        parts = []
+        for proc in self.procs:
+            stderr = "\n".join(l for l in proc.stderr().splitlines() if not l.startswith(("frame #", "[W", "[E")))
+            with self.cond:
+                stdout = "\n".join(proc.lines[-40:])
+            parts.append(
+                f"=== {proc.name} pid {proc.pid} exit {proc.returncode}\n--- stdout (tail)\n{stdout}"
+                f"\n--- stderr (tail)\n" + "\n".join(stderr.splitlines()[-40:])
+            )
+        return "\n".join(parts)
+
+
+def sigkill(pid: int) -> float:
+    """SIGKILL one process (a worker or a trainer, mid-run); returns when, as ``time.time()``."""
+    os.kill(pid, signal.SIGKILL)
+    return time.time()
+
+
 # ---------------------------------------------------------------------- running launches
 @dataclass
 class Run:
@@ -172,62 +403,29 @@ def run_processes(
 
     ``settle=(marker, seconds)``: once ``marker`` appears in the output, the launch has ``seconds`` left to exit,
     so a run that fails and then hangs is caught in seconds rather than at the overall timeout.
-    Each command gets its own session so a timeout can kill a launch's whole process tree at once.
     """
-    tag = f"run-{uuid.uuid4().hex}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    group = Processes(out_dir)
     start = time.monotonic()
-    deadline = start + timeout
-    procs = []
     for index, (cmd, env) in enumerate(zip(commands, envs)):
-        logs = (open(out_dir / f"proc{index}.out", "w+"), open(out_dir / f"proc{index}.err", "w+"))
-        env = {**env, LAUNCH_TAG_ENV: tag}
-        procs.append((subprocess.Popen(cmd, env=env, cwd=str(out_dir), stdout=logs[0], stderr=logs[1], start_new_session=True), logs))
-    timed_out = False
-    while any(proc.poll() is None for proc, _ in procs):
-        now = time.monotonic()
-        if settle is not None and _output_contains(out_dir, len(procs), settle[0]):
-            deadline, settle = min(deadline, now + settle[1]), None
-        if now >= deadline:
-            timed_out = True
-            break
-        time.sleep(0.2)
+        group.start(f"proc{index}", cmd, env)
+    timed_out = not group.wait(timeout, settle)
     if timed_out:
-        for proc, _ in procs:
-            _kill_session(proc)
-        for proc, _ in procs:
-            proc.wait(10)
+        group.kill()
+        for proc in group.procs:
+            proc.popen.wait(10)
     wall = time.monotonic() - start
-    stdout, stderr = [], []
-    for proc, logs in procs:
-        for handle, sink in zip(logs, (stdout, stderr)):
-            handle.seek(0)
-            sink.append(handle.read())
-            handle.close()
-    codes = [proc.returncode for proc, _ in procs]
+    leftovers = group.leftovers()
+    group.join_readers()
+    codes = [proc.returncode for proc in group.procs]
     # A timeout must read as a failure even if some process of the launch exited 0.
     returncode = -9 if timed_out else next((code for code in codes if code != 0), 0)
-    run = Run(commands[0] if len(commands) == 1 else commands, returncode, "".join(stdout), "".join(stderr), out_dir, wall, timed_out)
+    stdout = "".join(proc.stdout for proc in group.procs)
+    stderr = "".join(proc.stderr() for proc in group.procs)
+    run = Run(commands[0] if len(commands) == 1 else commands, returncode, stdout, stderr, out_dir, wall, timed_out)
     if timed_out:
         run.stderr += f"\n[test harness] launch killed after {wall:.0f}s\n"
-    run.leftovers = wait_for_leftovers(tag, variable=LAUNCH_TAG_ENV)
+    run.leftovers = leftovers
     return run
-
-
-def _output_contains(out_dir: Path, count: int, marker: str) -> bool:
-    for index in range(count):
-        for suffix in ("out", "err"):
-            path = out_dir / f"proc{index}.{suffix}"
-            if path.exists() and marker in path.read_text(errors="replace"):
-                return True
-    return False
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def train_cmd(*args: str) -> list:
@@ -281,17 +479,8 @@ class Launch:
             ]
             return run_processes(commands, [env] * self.nodes, out_dir, self.timeout, self.settle)
         if self.mode == "slurm":
-            total = self.procs_per_node * self.nodes
-            envs = []
-            for rank in range(total):
-                envs.append({
-                    **env,
-                    "SLURM_NTASKS": str(total), "SLURM_NTASKS_PER_NODE": str(self.procs_per_node),
-                    "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % self.procs_per_node),
-                    "SLURM_NODEID": str(rank // self.procs_per_node), "SLURM_NNODES": str(self.nodes),
-                    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost",
-                })  # fmt: skip
-            return run_processes([train_cmd(*args)] * total, envs, out_dir, self.timeout, self.settle)
+            envs = slurm_envs(env, self.procs_per_node, self.nodes)
+            return run_processes([train_cmd(*args)] * len(envs), envs, out_dir, self.timeout, self.settle)
         raise ValueError(f"unknown launch mode {self.mode!r}")
 
 

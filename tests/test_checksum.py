@@ -1,6 +1,5 @@
 """Checksums of updates: a stamped update that does not match its bytes is refused, never applied."""
 
-import socket
 import subprocess
 import sys
 
@@ -16,11 +15,8 @@ from checksum_peer import TIMEOUT, policy as _policy, store as _store  # noqa: E
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("channel", ["group", "shm"])
-def test_corrupt_update_is_refused_and_the_policy_keeps_its_version(channel: str, tmp_path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = _store(port, True)  # hosts the store for both sides until the test ends
+def test_corrupt_update_is_refused_and_the_policy_keeps_its_version(channel: str, control_store, tmp_path) -> None:
+    server, port = control_store, control_store.port  # hosts the store for both sides until the test ends
     out = str(tmp_path / "worker.pt")
     # A process of its own: a fork of this one would inherit whatever earlier tests left running in it.
     peer = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / "checksum_peer.py"), str(port), out], env=clean_env())

@@ -6,170 +6,84 @@ Nothing of torch.distributed or Fabric is mocked. Runs are ``tests/fault_scripts
 worker is not a child of training rank 0 and has to notice its death on its own). Every version fills all
 parameters with ``float(version)``, so a policy is intact iff its values equal the version its worker reports.
 
-Each test ends by checking, by pid (and create time), that no process of its runs survived.
+Processes are started, watched and killed by conftest's :class:`~conftest.Processes`; each test ends by checking
+that no process of its runs survived.
 """
 
 import ast
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
-import uuid
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
 import psutil
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import clean_env, free_port
+from conftest import (
+    EXIT_GRACE_S,
+    REPO_ROOT,
+    SCRIPTS_DIR,
+    TESTS_DIR,
+    Proc,
+    Processes,
+    clean_env,
+    free_port,
+    run_processes,
+    sigkill,
+    slurm_envs,
+    wait_until,
+)
 from torch import nn
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
 PACKAGE_DIR = REPO_ROOT / "fabric_weightsync"
 SCRIPT = TESTS_DIR / "fault_scripts" / "fault_train.py"
 
-TAG_ENV = "FWS_FAULT_TEST_TAG"
-"""Inherited by every exec'd descendant, even once orphaned and re-parented to init: finds what a tree walk misses."""
-
 HEARTBEAT_TIMEOUT = 2.0
-TRAINER_LOST_BOUND = 15.0
-"""A worker must exit this soon after training rank 0 dies (it gives up after 10 s of failed store calls)."""
+DETECTION_BOUND = 3 * HEARTBEAT_TIMEOUT
+"""How soon after it died or hung a worker must be declared dead, when only heartbeats can tell: the bound is the
+feature (heartbeat_timeout plus a monitor period, three times over for a loaded machine; it stays under the 10 s
+sync timeout, the next thing that would notice)."""
+PUSH_BOUND = 1.0
+"""The longest an optimizer step + push may take while a worker is dead, hung or slow: the bound is the feature
+(the trainer never waits on a worker; one that did would show a heartbeat timeout, 2 s, a slow worker's 2 s
+between polls, or a sync timeout). Pushes take milliseconds, 50 ms for 64 MB on a loaded machine."""
+TRAINER_LOST_BOUND = 30.0
+"""A worker must exit this soon after training rank 0 dies: the bound is the feature (it gives up after 10 s of
+failed store calls; three times that for a loaded machine)."""
 
-SURVIVOR_GRACE = 5.0
 
 def base_env(master_port: Optional[int]) -> dict:
     extra = {"MASTER_PORT": str(master_port)} if master_port is not None else {}
     return clean_env(PYTHONUNBUFFERED="1", **extra)
 
 
-def slurm_envs(env: dict, ntasks: int) -> list[dict]:
-    return [
-        {
-            **env,
-            "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(ntasks), "SLURM_PROCID": str(rank),
-            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",
-            "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost",
-        }  # fmt: skip
-        for rank in range(ntasks)
-    ]
-
-
 # ---------------------------------------------------------------------------------------------- harness
-class Proc:
-    def __init__(self, name: str, popen: subprocess.Popen, launch: "Launch") -> None:
-        self.name = name
-        self.popen = popen
-        self.create_time = psutil.Process(popen.pid).create_time()
-        self.exit_time: Optional[float] = None
-        self.lines: list[str] = []
-        self._launch = launch
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._waiter = threading.Thread(target=self._wait, daemon=True)
-        self._waiter.start()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def returncode(self) -> Optional[int]:
-        return self.popen.returncode
-
-    def _read(self) -> None:
-        with open(self._launch.out_dir / f"{self.name}.out", "w") as copy:  # for a post-mortem of a failed run
-            for raw in self.popen.stdout:
-                line = raw.decode(errors="replace").rstrip("\n")
-                copy.write(line + "\n")
-                copy.flush()
-                self._launch._line(self, line)
-
-    def _wait(self) -> None:
-        self.popen.wait()
-        self.exit_time = time.time()
-        with self._launch._cond:
-            self._launch._cond.notify_all()
-
-    def stderr(self) -> str:
-        path = self._launch.out_dir / f"{self.name}.err"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-
-class Launch:
-    """The processes of one or more runs: their ``FWS`` events as they come, exit times, and every pid they spawned."""
+class FaultRun(Processes):
+    """The processes of one or more runs of the fault script, and their ``FWS`` events as they come."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.tag = f"fault-{uuid.uuid4().hex}"
-        self.procs: list[Proc] = []
+        super().__init__(out_dir)
         self.events: list[dict] = []
-        self._cond = threading.Condition()
-        self._seen: dict[int, float] = {}  # pid -> create_time of every process of these runs
-        self._sampling = True
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
 
-    def start(self, name: str, cmd: list, env: dict, cwd: Optional[str] = None) -> Proc:
-        env = {**env, TAG_ENV: self.tag}
-        stderr = open(self.out_dir / f"{name}.err", "wb")
-        popen = subprocess.Popen(
-            cmd, env=env, cwd=cwd or str(self.out_dir), stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
-        )
-        stderr.close()
-        proc = Proc(name, popen, self)
-        with self._cond:
-            self.procs.append(proc)
-            self._seen[proc.pid] = proc.create_time
-        return proc
+    def on_line(self, proc: Proc, line: str) -> None:
+        if line.startswith("FWS {"):
+            try:
+                event = json.loads(line[4:])
+            except json.JSONDecodeError:
+                return
+            event["proc"] = proc.name
+            self.events.append(event)
 
     def start_script(self, name: str, args: list, env: dict) -> Proc:
         return self.start(name, [sys.executable, str(SCRIPT), "--out", str(self.out_dir), *map(str, args)], env)
 
-    def _line(self, proc: Proc, line: str) -> None:
-        with self._cond:
-            proc.lines.append(line)
-            if line.startswith("FWS {"):
-                try:
-                    event = json.loads(line[4:])
-                except json.JSONDecodeError:
-                    return
-                event["proc"] = proc.name
-                self.events.append(event)
-                self._remember(event.get("pid"))
-                self._cond.notify_all()
-
-    def _remember(self, pid: Optional[int]) -> None:
-        if pid and pid not in self._seen:
-            try:
-                self._seen[pid] = psutil.Process(pid).create_time()
-            except psutil.Error:
-                pass
-
-    def _sample(self) -> None:
-        # Children a launcher starts may die before they print anything: the tree is walked while they live.
-        while self._sampling:
-            with self._cond:
-                roots = [p.pid for p in self.procs]
-            for pid in roots:
-                try:
-                    for child in psutil.Process(pid).children(recursive=True):
-                        with self._cond:
-                            self._remember(child.pid)
-                except psutil.Error:
-                    continue
-            time.sleep(0.1)
-
     # -------------------------------------------------------------- queries
     def find(self, ev: str, pred: Callable[[dict], bool] = lambda e: True, **match) -> list[dict]:
-        with self._cond:
+        with self.cond:
             return [e for e in self.events if e["ev"] == ev and all(e.get(k) == v for k, v in match.items()) and pred(e)]
 
     def one(self, ev: str, pred: Callable[[dict], bool] = lambda e: True, **match) -> dict:
@@ -178,29 +92,17 @@ class Launch:
         return found[0]
 
     def wait_for(self, ev: str, timeout: float, pred: Callable[[dict], bool] = lambda e: True, **match) -> dict:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for e in self.events:
-                    if e["ev"] == ev and all(e.get(k) == v for k, v in match.items()) and pred(e):
-                        return e
-                left = deadline - time.monotonic()
-                if left <= 0 or all(p.returncode is not None for p in self.procs):
-                    break
-                self._cond.wait(min(left, 0.2))
-        raise AssertionError(f"no {ev} {match} within {timeout:.0f}s\n{self.describe()}")
+        """The first such event, once it came; fails after ``timeout`` or once every process exited without it."""
+        if not self.watch(lambda: bool(self.find(ev, pred, **match)), timeout):
+            raise AssertionError(f"no {ev} {match} within {timeout:.0f}s\n{self.describe()}")
+        return self.find(ev, pred, **match)[0]
 
     def wait_all(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for proc in list(self.procs):
-            try:
-                proc.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.kill_all()
-                raise AssertionError(f"{proc.name} still running after {timeout:.0f}s\n{self.describe()}") from None
-        for proc in self.procs:
-            proc._reader.join(5)
-            proc._waiter.join(5)
+        if not self.wait(timeout):
+            running = [proc.name for proc in self.procs if proc.exit_time is None]
+            self.kill()
+            raise AssertionError(f"{running} still running after {timeout:.0f}s\n{self.describe()}")
+        self.join_readers()
 
     def proc(self, name: str) -> Proc:
         return next(p for p in self.procs if p.name == name)
@@ -208,93 +110,28 @@ class Launch:
     def worker_pid(self, worker_id: int) -> int:
         return self.find("WORKER_START", worker_id=worker_id)[0]["pid"]
 
-    # -------------------------------------------------------------- teardown
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in self.survivors():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def survivors(self) -> list[int]:
-        alive = []
-        with self._cond:
-            seen = dict(self._seen)
-        for pid, created in seen.items():
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.Error:
-                continue
-        for p in psutil.process_iter():
-            try:
-                if p.pid not in alive and p.pid != os.getpid() and p.environ().get(TAG_ENV) == self.tag:
-                    if p.status() != psutil.STATUS_ZOMBIE:
-                        alive.append(p.pid)
-            except psutil.Error:
-                continue
-        return alive
-
-    def assert_no_survivors(self, grace: float = SURVIVOR_GRACE) -> None:
-        deadline = time.monotonic() + grace
-        while (left := self.survivors()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if left:
-            described = []
-            for pid in left:
-                try:
-                    described.append(f"pid {pid}: {' '.join(psutil.Process(pid).cmdline())[:200]}")
-                except psutil.Error:
-                    pass
-            self.kill_all()
-            raise AssertionError(f"processes outlived the run by {grace:.0f}s:\n" + "\n".join(described))
-
-    def close(self) -> None:
-        self.kill_all()
-        self._sampling = False
-        for proc in self.procs:
-            if proc.returncode is None:
-                try:
-                    proc.popen.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
-
-    def describe(self) -> str:
-        parts = []
-        for proc in self.procs:
-            stderr = "\n".join(l for l in proc.stderr().splitlines() if not l.startswith(("frame #", "[W", "[E")))
-            parts.append(
-                f"=== {proc.name} pid {proc.pid} exit {proc.returncode}\n--- stdout (tail)\n"
-                + "\n".join(proc.lines[-40:])
-                + "\n--- stderr (tail)\n"
-                + "\n".join(stderr.splitlines()[-40:])
-            )
-        return "\n".join(parts)
+    def assert_no_survivors(self, grace: float = EXIT_GRACE_S) -> None:
+        left = self.leftovers(grace)
+        assert not left, f"processes outlived the run by {grace:.0f}s:\n" + "\n".join(left)
 
 
 @pytest.fixture
-def launch(tmp_path):
-    run = Launch(tmp_path / "run")
+def fault_run(tmp_path):
+    run = FaultRun(tmp_path / "run")
     yield run
     run.close()
     # Captured output: pytest shows it only when the test failed, which is when the processes' story matters.
     print(f"\n===== processes of the run\n{run.describe()}")
 
 
-def popen_run(launch: Launch, *args, master_port: Optional[int] = -1, name: str = "trainer") -> Proc:
+def popen_run(run: FaultRun, *args, master_port: Optional[int] = -1, name: str = "trainer") -> Proc:
     port = free_port() if master_port == -1 else master_port
-    return launch.start_script(name, list(args), base_env(port))
+    return run.start_script(name, list(args), base_env(port))
 
 
-def slurm_run(launch: Launch, ntasks: int, *args) -> list[Proc]:
+def slurm_run(run: FaultRun, ntasks: int, *args) -> list[Proc]:
     envs = slurm_envs(base_env(free_port()), ntasks)
-    return [launch.start_script(f"task{rank}", list(args), env) for rank, env in enumerate(envs)]
+    return [run.start_script(f"task{rank}", list(args), env) for rank, env in enumerate(envs)]
 
 
 def library_log(proc: Proc) -> list[tuple[float, str]]:
@@ -311,25 +148,23 @@ def first_log(proc: Proc, pattern: str) -> Optional[tuple[float, str]]:
     return next(((t, msg) for t, msg in library_log(proc) if re.search(pattern, msg)), None)
 
 
-def kill(pid: int) -> float:
-    os.kill(pid, signal.SIGKILL)
-    return time.time()
-
-
 # ---------------------------------------------------------------------------------------------- 1. worker death
 MID_RECEIVE_STEPS = 40
+MID_RECEIVE_SYNC_TIMEOUT = 40
 
 
 @pytest.fixture(scope="module", params=["gloo", "shm"])
 def mid_receive_run(request, tmp_path_factory):
     """Worker 0 SIGKILLs itself in the middle of receiving a 64 MB update; worker 1 carries on."""
     transport = request.param
-    run = Launch(tmp_path_factory.mktemp(f"mid_receive_{transport}") / "run")
+    run = FaultRun(tmp_path_factory.mktemp(f"mid_receive_{transport}") / "run")
     try:
         trainer = popen_run(
             run, "--transport", transport, "--on-failure", "continue", "--big-mb", 64, "--steps", MID_RECEIVE_STEPS,
             "--step-sleep", 0.05, "--behaviour", "0=kill_self:3,1=poll",
-            "--sync-timeout", 15,  # what a link blocked on the dead worker could hold the shutdown for
+            # What a link blocked on the dead worker could hold a push or the shutdown for, and how long rank 0
+            # would take to notice the death with heartbeats alone: both far above the bounds asserted below.
+            "--sync-timeout", MID_RECEIVE_SYNC_TIMEOUT, "--heartbeat-timeout", 20,
         )  # fmt: skip
         run.wait_all(90)
         run.assert_no_survivors()
@@ -342,33 +177,34 @@ def mid_receive_run(request, tmp_path_factory):
 def test_worker_killed_mid_receive_training_continues(mid_receive_run):
     """The trainer never waits on the dead worker, declares it dead within a bounded time, and the survivor
     ends on the last version."""
-    launch, trainer, transport = mid_receive_run
+    run, trainer, transport = mid_receive_run
     steps = MID_RECEIVE_STEPS
-    assert trainer.returncode == 0, launch.describe()
+    assert trainer.returncode == 0, run.describe()
 
     # KILL is only emitted while the receive is still running: a timer that would fire after it is cancelled.
-    killed = launch.one("KILL")
-    assert killed["target"] == launch.worker_pid(0)
+    killed = run.one("KILL")
+    assert killed["target"] == run.worker_pid(0)
 
     declared = first_log(trainer, r"inference worker 0 failed")
-    assert declared is not None, launch.describe()
+    assert declared is not None, run.describe()
     detection = declared[0] - killed["t"]
-    # The launcher reports a dead child within its 0.2 s poll: no heartbeat timeout to wait out.
-    assert detection < 2.5, f"worker 0 declared dead {detection:.1f}s after its death"
+    # The bound is the feature: the launcher reports a dead child within its 0.2 s poll, no heartbeat timeout
+    # (20 s here) is waited out. 10 s leaves room for a loaded machine.
+    assert detection < 10.0, f"worker 0 declared dead {detection:.1f}s after its death"
 
-    final = launch.one("FINAL")
+    final = run.one("FINAL")
     assert final["latest"] == steps
     assert final["alive"] == [False, True], final
     assert final["errors"][1] is None
     assert final["delivered"][1] == steps
-    # A trainer that waited on the dead worker would show sync_timeout (15 s) here.
-    assert final["push_max"] < 1.0, f"an optimizer step + push took {final['push_max']:.2f}s"
+    # A trainer that waited on the dead worker would show the sync timeout (40 s) here.
+    assert final["push_max"] < PUSH_BOUND, f"an optimizer step + push took {final['push_max']:.2f}s"
 
-    survivor = launch.one("WORKER_DONE", worker_id=1)
+    survivor = run.one("WORKER_DONE", worker_id=1)
     assert survivor["final_version"] == steps
     assert survivor["lo"] == survivor["hi"] == float(steps)
     assert survivor["versions_increasing"]
-    assert not launch.find("WORKER_DONE", worker_id=0)
+    assert not run.find("WORKER_DONE", worker_id=0)
     print(
         f"\n[{transport}] killed {killed['into_receive'] * 1000:.0f} ms into a receive (median"
         f" {killed['median_receive'] * 1000:.0f} ms); declared dead after {detection:.2f}s;"
@@ -380,13 +216,15 @@ def test_worker_killed_mid_receive_training_continues(mid_receive_run):
 def test_shutdown_is_prompt_after_a_worker_died_mid_receive(mid_receive_run):
     """Training is over once FINAL is printed: the survivor is told to stop and rank 0 exits within seconds,
     not after the transfer timeout of the send that was in flight to the dead worker."""
-    launch, trainer, transport = mid_receive_run
-    final = launch.one("FINAL")
-    survivor = launch.one("WORKER_DONE", worker_id=1)
+    run, trainer, transport = mid_receive_run
+    final = run.one("FINAL")
+    survivor = run.one("WORKER_DONE", worker_id=1)
     stopped_after, exited_after = survivor["t"] - final["t"], trainer.exit_time - final["t"]
     print(f"\n[{transport}] survivor stopped {stopped_after:.1f}s and rank 0 exited {exited_after:.1f}s after training ended")
+    # The bounds are the feature: within seconds (under 1 s and 2-4 s here), not after the sync timeout (40 s) of
+    # the send in flight to the dead worker.
     assert stopped_after < 5.0, f"the survivor was told to stop {stopped_after:.1f}s after training ended"
-    assert exited_after < 8.0, f"rank 0 exited {exited_after:.1f}s after training ended"
+    assert exited_after < MID_RECEIVE_SYNC_TIMEOUT / 2, f"rank 0 exited {exited_after:.1f}s after training ended"
 
 
 @pytest.fixture(scope="module")
@@ -395,9 +233,9 @@ def slurm_faults(tmp_path_factory):
 
     Worker 0 SIGKILLs itself right after its connect returned, before its heartbeat thread beat once. Worker 1
     starts 3 s after rank 0's monitor (a slow import) and connects at once. Worker 2 is SIGKILLed by the test in
-    the middle of a rollout, 2.5 s after worker 1 connected; its failure ends the run.
+    the middle of a rollout, once rank 0 has trained on for 2.5 s after worker 1 connected; its failure ends the run.
     """
-    run = Launch(tmp_path_factory.mktemp("slurm_faults") / "run")
+    run = FaultRun(tmp_path_factory.mktemp("slurm_faults") / "run")
     try:
         args = [
             "--out", run.out_dir, "--workers", 3, "--on-failure", "raise", "--raise-for-worker", 2,
@@ -408,11 +246,12 @@ def slurm_faults(tmp_path_factory):
         cmd = [sys.executable, str(SCRIPT), *map(str, args)]
         procs = {rank: run.start(f"task{rank}", cmd, envs[rank]) for rank in (0, 1, 3)}
         run.wait_for("CONTROL", 90)
-        time.sleep(HEARTBEAT_TIMEOUT + 1.0)
+        time.sleep(HEARTBEAT_TIMEOUT + 1.0)  # the scenario, not a wait for anything: worker 1's process starts late
         procs[2] = run.start("task2", cmd, envs[2])
         late = run.wait_for("LATE_CONNECTED", 90)
-        time.sleep(max(0.0, late["t"] + 2.5 - time.time()))  # long enough for a wrong verdict on worker 1 to show
-        killed_at = kill(run.worker_pid(2))
+        # Rank 0 trains on (its monitor running) long enough after worker 1 connected for a wrong verdict on it to show.
+        run.wait_for("PROGRESS", 60, lambda e: e["t"] >= late["t"] + HEARTBEAT_TIMEOUT + 0.5, proc="task0")
+        killed_at = sigkill(run.worker_pid(2))
         run.wait_all(60)
         run.assert_no_survivors()
         yield run, procs, killed_at
@@ -428,13 +267,15 @@ def test_worker_killed_mid_rollout_fails_run_naming_worker(slurm_faults):
     failed = run.one("WORKER_FAILED_ERROR", pred=lambda e: "Inference worker 2 failed" in e["message"])
     assert "heartbeat" in failed["message"], failed
     detection = failed["t"] - killed_at
-    assert detection < HEARTBEAT_TIMEOUT + 2.5, f"the run failed {detection:.1f}s after the worker died"
-    assert failed["push_max"] < 0.5, f"an optimizer step + push took {failed['push_max']:.2f}s"
+    assert detection < DETECTION_BOUND, f"the run failed {detection:.1f}s after the worker died"
+    assert failed["push_max"] < PUSH_BOUND, f"an optimizer step + push took {failed['push_max']:.2f}s"
     trainer = procs[0]
     assert trainer.returncode not in (0, None)
     assert "WorkerFailedError: Inference worker 2 failed" in trainer.stderr()
     ended = max(p.exit_time for p in procs.values() if p is not procs[3] and p is not procs[1])
-    assert ended - killed_at < 15, f"the run took {ended - killed_at:.1f}s to end after the worker died"
+    # Every process exits on its own (the fixture's wait_all would have killed them at 60 s): detection plus at
+    # most the 10 s shutdown timeout, with room for a loaded machine.
+    assert ended - killed_at < 30, f"the run took {ended - killed_at:.1f}s to end after the worker died"
     print(f"\nrun failed {detection:.2f}s after the kill (heartbeat_timeout {HEARTBEAT_TIMEOUT}s), all exited after {ended - killed_at:.1f}s")
 
 
@@ -447,7 +288,7 @@ def test_worker_dead_before_first_heartbeat_is_detected(slurm_faults):
     declared = first_log(procs[0], r"inference worker 0 failed")
     assert declared is not None, f"worker 0 was never declared dead\n{run.describe()}"
     detection = declared[0] - connected["t"]
-    assert detection < HEARTBEAT_TIMEOUT + 2.5, f"declared dead {detection:.1f}s after it died: {declared[1]}"
+    assert detection < DETECTION_BOUND, f"declared dead {detection:.1f}s after it died: {declared[1]}"
     # Rank 0 was waiting in a flush then; the next push raised it.
     assert run.one("WORKER_FAILED_ERROR", pred=lambda e: "Inference worker 0 failed" in e["message"])
     print(f"\nworker dead before its first beat declared dead after {detection:.2f}s: {declared[1]}")
@@ -470,7 +311,7 @@ def test_late_starting_worker_is_not_declared_dead(slurm_faults):
 def rejoin_run(tmp_path_factory):
     """At once: worker 0 is SIGKILLed while idle (a new process with the launcher's env for it then starts in its
     place) and worker 1 hangs (SIGSTOP) for longer than the heartbeat timeout, then resumes (SIGCONT)."""
-    run = Launch(tmp_path_factory.mktemp("rejoin") / "run")
+    run = FaultRun(tmp_path_factory.mktemp("rejoin") / "run")
     try:
         trainer = popen_run(
             run, "--on-failure", "continue", "--heartbeat-timeout", HEARTBEAT_TIMEOUT, "--until-rejoin", 0,
@@ -481,10 +322,10 @@ def rejoin_run(tmp_path_factory):
         env, cmdline, cwd = victim.environ(), victim.cmdline(), victim.cwd()
         hung.suspend()
         hung_at = time.time()
-        kill(victim.pid)
+        sigkill(victim.pid)
         dead = run.wait_for("WORKER_STATUS", 20, lambda e: e["alive"][0] is False)
         run.start("replacement", cmdline, env, cwd=cwd)
-        time.sleep(max(0.0, hung_at + HEARTBEAT_TIMEOUT + 1.5 - time.time()))
+        run.wait_for("WORKER_STATUS", 30, lambda e: e["alive"][1] is False)  # hung until it is evicted
         hung.resume()
         resumed_at = time.time()
         run.wait_all(90)
@@ -535,13 +376,13 @@ def test_hung_worker_is_evicted_then_resyncs(rejoin_run):
     declared = first_log(trainer, r"inference worker 1 failed: no heartbeat")
     assert declared is not None, run.describe()
     detection = declared[0] - hung_at
-    assert detection < HEARTBEAT_TIMEOUT + 2.5, f"a hung worker was declared dead after {detection:.1f}s"
+    assert detection < DETECTION_BOUND, f"a hung worker was declared dead after {detection:.1f}s"
     back = first_log(trainer, r"inference worker 1 rejoined")
     assert back is not None and back[0] > resumed_at, f"the resumed worker never rejoined\n{run.describe()}"
     assert "worker 1 was evicted by the trainer; reconnecting" in trainer.stderr()
     final = run.one("FINAL")
     assert final["alive"][1] is True and final["delivered"][1] == final["latest"], final
-    assert final["push_max"] < 0.25, f"an optimizer step + push took {final['push_max'] * 1000:.0f} ms"
+    assert final["push_max"] < PUSH_BOUND, f"an optimizer step + push took {final['push_max'] * 1000:.0f} ms"
     done = run.one("WORKER_DONE", worker_id=1)
     assert done["final_version"] == final["latest"] and done["lo"] == done["hi"] == float(final["latest"])
     assert done["versions_increasing"] and not done["errors"]
@@ -557,77 +398,74 @@ def test_hung_worker_is_evicted_then_resyncs(rejoin_run):
         pytest.param("shm", "0=kill_trainer:3", id="shm"),
     ],
 )
-def test_trainer_killed_mid_transfer(launch, transport, behaviours):
+def test_trainer_killed_mid_transfer(fault_run, transport, behaviours):
     """SLURM-style (workers are not children of training rank 0): rank 0 SIGKILLed while a 96 MB update is in
     flight. The interrupted update is never applied (the policy holds exactly the last version the worker
-    reported), and every worker exits on its own within a bounded time, even one deep in a rollout."""
+    reported), and every worker exits on its own within a bounded time, even one deep in a rollout, with code 75:
+    a scheduler must not read a lost trainer as success, also when worker_fn returned on the stop it caused."""
     workers = behaviours.count("=")
     procs = slurm_run(
-        launch, 1 + workers, "--workers", workers, "--transport", transport, "--big-mb", 96, "--steps", 5000,
+        fault_run, 1 + workers, "--workers", workers, "--transport", transport, "--big-mb", 96, "--steps", 5000,
         "--step-sleep", 0.05, "--behaviour", behaviours,
         # A gloo recv whose sender died before posting its send waits out the sync timeout: keep it under the
         # 10 s after which the heartbeat ends the worker, so the worker lives to report what its policy holds.
         "--sync-timeout", 7,
     )  # fmt: skip
-    killed = launch.wait_for("KILL", 90)
+    killed = fault_run.wait_for("KILL", 90)
     assert killed["target"] == procs[0].pid
-    launch.wait_all(TRAINER_LOST_BOUND + 10)
+    fault_run.wait_all(TRAINER_LOST_BOUND + 10)
     assert procs[0].returncode == -signal.SIGKILL
 
     for proc in procs[1:]:
         after = proc.exit_time - killed["t"]
         assert after < TRAINER_LOST_BOUND, f"{proc.name} exited {after:.1f}s after training rank 0 died"
+        assert proc.returncode == 75, f"{proc.name} exited with {proc.returncode}\n{fault_run.describe()}"
     if workers > 1:
         sleeper = procs[2]
-        assert sleeper.returncode == 75, launch.describe()
+        assert sleeper.returncode == 75, fault_run.describe()
         assert "training rank 0 unreachable" in sleeper.stderr()
 
     # What the worker saw right after the kill, and what it held when it left: never a torn or unreported update.
-    reports = launch.find("RECEIVE_FAILED", worker_id=0) + launch.find("WORKER_DONE", worker_id=0)
-    assert reports, launch.describe()
+    reports = fault_run.find("RECEIVE_FAILED", worker_id=0) + fault_run.find("WORKER_DONE", worker_id=0)
+    assert reports, fault_run.describe()
     for report in reports:
         assert report["lo"] == report["hi"], f"torn policy: {report}"
         held = report.get("version", report.get("final_version"))
         assert report["lo"] == float(held), f"policy holds version {report['lo']} but the worker reports {held}: {report}"
     exits = ", ".join(f"{p.name} after {p.exit_time - killed['t']:.1f}s (code {p.returncode})" for p in procs[1:])
     print(f"\n[{transport}] killed {killed['into_receive'] * 1000:.0f} ms into a receive; workers exited: {exits}")
-    launch.assert_no_survivors()
+    fault_run.assert_no_survivors()
 
 
 @pytest.mark.timeout(60)
-def test_worker_exits_cleanly_with_a_heartbeat_in_flight(store):
+def test_worker_exits_cleanly_with_a_heartbeat_in_flight(control_store, tmp_path):
     """A daemon thread still inside a store call when the interpreter finalizes aborts the process ("terminate
     called without an active exception", exit -6) after the worker's work is done: the heartbeat must be
     stopped and joined before the worker process exits."""
     from fabric_weightsync.control import ControlPlane
 
-    server, _ = store
-    control = ControlPlane.serve("127.0.0.1", server.port, 30.0)
-    script = TESTS_DIR / "scripts" / "exit_while_beating.py"
-    runs = [
-        subprocess.run([sys.executable, str(script), str(server.port)], env=clean_env(), capture_output=True, text=True, timeout=30)
-        for _ in range(5)
-    ]
+    control = ControlPlane.serve("127.0.0.1", control_store.port, 30.0)
+    cmd = [sys.executable, str(SCRIPTS_DIR / "exit_while_beating.py"), str(control_store.port)]
+    runs = [run_processes([cmd], [clean_env()], tmp_path / f"exit{index}", timeout=30) for index in range(5)]
     assert [run.returncode for run in runs] == [0] * 5, [run.stderr[-300:] for run in runs if run.returncode]
+    assert not [run.leftovers for run in runs if run.leftovers]
     assert control.store.add("NODE_1_hb", 0) > 100, "the heartbeat did not beat without pause"
 
 
 @pytest.mark.timeout(60)
-def test_trainer_killed_popen_children_die(launch):
+def test_trainer_killed_popen_children_die(fault_run):
     """``python train.py`` mode: SIGKILL rank 0 and its children (training rank 1 and the worker) die with it."""
-    trainer = popen_run(launch, "--devices", 2, "--workers", 1, "--steps", 3000, "--step-sleep", 0.02)
-    launch.wait_for("PROGRESS", 60, lambda e: e["step"] >= 10)
+    trainer = popen_run(fault_run, "--devices", 2, "--workers", 1, "--steps", 3000, "--step-sleep", 0.02)
+    fault_run.wait_for("PROGRESS", 60, lambda e: e["step"] >= 10)
     children = [p.pid for p in psutil.Process(trainer.pid).children(recursive=True)]
     assert len(children) == 2, children
-    killed_at = kill(trainer.pid)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and launch.survivors():
-        time.sleep(0.05)
+    killed_at = sigkill(trainer.pid)
+    left = fault_run.leftovers(grace=10)  # what of the run is still alive 10 s later (then killed)
     gone_after = time.time() - killed_at
-    assert not launch.survivors(), f"children of the killed rank 0 still alive after {gone_after:.1f}s"
+    assert not left, f"children of the killed rank 0 still alive after {gone_after:.1f}s:\n" + "\n".join(left)
     print(f"\nall children gone {gone_after:.2f}s after rank 0 was killed")
-    launch.wait_all(10)
-    launch.assert_no_survivors()
+    fault_run.wait_all(10)
+    fault_run.assert_no_survivors()
 
 
 # ---------------------------------------------------------------------------------------------- 4 + 8 + 10. two runs at once
@@ -657,7 +495,7 @@ def two_runs(tmp_path_factory):
     """Two runs at the same time, neither given a MASTER_PORT: a soak (1000 flushed pushes to 2 workers) and a
     run whose worker 1 polls every 2 s while worker 0 polls every 20 ms. Rank 0's listening sockets are read
     while each run is up."""
-    run = Launch(tmp_path_factory.mktemp("two_runs") / "run")
+    run = FaultRun(tmp_path_factory.mktemp("two_runs") / "run")
     try:
         soak = popen_run(run, *soak_args(SOAK_PUSHES), master_port=None, name="soak")
         slow = popen_run(
@@ -684,7 +522,7 @@ def test_slow_worker_slows_neither_trainer_nor_fast_worker(two_runs):
     final = run.one("FINAL", proc="slow")
     steps = final["steps"]
     assert steps == SLOW_STEPS and final["delivered"] == [steps, steps]
-    assert final["push_max"] < 0.25, f"an optimizer step + push took {final['push_max'] * 1000:.0f} ms"
+    assert final["push_max"] < PUSH_BOUND, f"an optimizer step + push took {final['push_max'] * 1000:.0f} ms"
     fast, slow = run.one("WORKER_DONE", worker_id=0, proc="slow"), run.one("WORKER_DONE", worker_id=1, proc="slow")
     assert fast["distinct"] >= steps // 3, f"the fast worker applied only {fast['distinct']} of {steps} versions"
     assert slow["distinct"] <= 12, slow
@@ -699,49 +537,43 @@ def test_slow_worker_slows_neither_trainer_nor_fast_worker(two_runs):
 
 # ---------------------------------------------------------------------------------------------- 5. schema
 @pytest.mark.timeout(90)
-def test_schema_mismatch_at_connect_and_after_a_change(launch):
+def test_schema_mismatch_at_connect_and_after_a_change(fault_run):
     """A worker of another architecture is refused at connect with a message naming the key and both shapes and
     dtypes, on both sides; a trainer module whose parameter is replaced by one of another shape after connect
     is refused at the next push with SchemaMismatchError."""
     change_at = 15
     trainer = popen_run(
-        launch, "--on-failure", "raise", "--steps", 40, "--step-sleep", 0.02, "--change-at", change_at,
+        fault_run, "--on-failure", "raise", "--steps", 40, "--step-sleep", 0.02, "--change-at", change_at,
         "--behaviour", "0=mismatch,1=poll",
     )  # fmt: skip
-    launch.wait_all(60)
+    fault_run.wait_all(60)
 
     # make_policy: Linear(8, hidden) first; the trainer has hidden=16, the mismatched worker 8.
-    failed = launch.one("WORKER_FAILED_ERROR")["message"]
+    failed = fault_run.one("WORKER_FAILED_ERROR")["message"]
     for needle in ("Inference worker 0", "'0.weight'", "[16, 8]", "[8, 8]", "torch.float32"):
         assert needle in failed, f"{needle!r} missing from the trainer's error: {failed}"
-    worker_err = next(p for p in launch.procs if p.name == "trainer").stderr()
+    worker_err = next(p for p in fault_run.procs if p.name == "trainer").stderr()
     assert "SchemaMismatchError: Worker 0 (rank 1) policy differs from the trainer's" in worker_err
     traceback_line = next(l for l in worker_err.splitlines() if l.startswith("fabric_weightsync.weights.SchemaMismatchError: Worker 0"))
     for needle in ("'0.weight'", "[16, 8]", "[8, 8]", "torch.float32", "'0.bias'", "'2.weight'"):
         assert needle in traceback_line, f"{needle!r} missing from the worker's traceback: {traceback_line}"
     assert re.search(r"inference worker 0 failed: .*'0\.weight'", worker_err), "the trainer's log does not name the key"
 
-    changed = launch.one("SCHEMA_ERROR")
+    changed = fault_run.one("SCHEMA_ERROR")
     assert changed["step"] == change_at + 1, "the change was not caught at the very next push"
     for needle in ("changed its parameters", "'0.weight'", "[16, 8]", "[17, 8]"):
         assert needle in changed["message"], changed
     assert trainer.returncode != 0
     assert "SchemaMismatchError: The synced module changed its parameters" in trainer.stderr()
-    good = launch.one("WORKER_DONE", worker_id=1)
+    good = fault_run.one("WORKER_DONE", worker_id=1)
     assert good["lo"] == good["hi"] == float(good["final_version"]) and good["final_version"] <= change_at
-    launch.assert_no_survivors()
+    fault_run.assert_no_survivors()
 
 
 # ---------------------------------------------------------------------------------------------- 7. timeouts
-@pytest.fixture
-def store():
-    """A real TCPStore server; ``client(timeout)`` opens more clients (the library gives each blocking user one)."""
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
-
-    def client(timeout: float = 10.0) -> dist.TCPStore:
-        return dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout))
-
-    yield server, client
+TIMEOUT_BOUND = 5.0
+"""How soon a call given a 0.5 s timeout (or deadline) must give up: the bound is the feature (ten times the
+timeout for a loaded machine, half the 10 s a store client's own timeout would take)."""
 
 
 def small_policy(seed: int = 0) -> nn.Module:
@@ -757,35 +589,33 @@ def timed(fn: Callable):
         return None, err, time.monotonic() - started
 
 
-def assert_timed_out(err: Optional[BaseException], took: float, limit: float, *needles: str) -> None:
+def assert_timed_out(err: Optional[BaseException], took: float, *needles: str) -> None:
     from fabric_weightsync import TransportError
 
     assert isinstance(err, TransportError), f"expected a TransportError, got {err!r}"
-    assert took < limit, f"gave up after {took:.1f}s, allowed {limit:.1f}s: {err}"
+    assert took < TIMEOUT_BOUND, f"gave up after {took:.1f}s, allowed {TIMEOUT_BOUND:.1f}s: {err}"
     for needle in needles:
         assert needle in str(err), f"{needle!r} missing from {err}"
 
 
 @pytest.mark.timeout(60)
-def test_blocking_calls_time_out_saying_what_they_waited_for(store):
+def test_blocking_calls_time_out_saying_what_they_waited_for(store_client):
     """Every blocking step with no peer gives up within its timeout and names what it waited for (and the store
     key). Store clients get the transport's timeout, as the library's own ``ControlPlane.client()`` does."""
     from fabric_weightsync import DistributedTransport
     from fabric_weightsync.control import ControlPlane
     from fabric_weightsync.protocol import ACK_ARMED, INSTRUCTION, worker_keys
 
-    _, client = store
     timeout = 0.5
-    limit = timeout + 2.5
 
     def transport(rank: int) -> DistributedTransport:
-        return DistributedTransport(weights_buffer=small_policy(), store=client(timeout), rank=rank, timeout=timeout)
+        return DistributedTransport(weights_buffer=small_policy(), store=store_client(timeout), rank=rank, timeout=timeout)
 
     # Connect with no trainer, and with no worker.
     _, err, took = timed(lambda: transport(1).setup_connection_and_weights_on_receiver(worker_idx=0, model=small_policy()))
-    assert_timed_out(err, took, limit, "check this worker's schema", "NODE_1_verdict")
+    assert_timed_out(err, took, "check this worker's schema", "NODE_1_verdict")
     _, err, took = timed(lambda: transport(2).setup_connection_and_weights_on_sender())
-    assert_timed_out(err, took, limit, "worker to connect", "NODE_2_schema")
+    assert_timed_out(err, took, "worker to connect", "NODE_2_schema")
 
     # A connected pair whose sender instructs an update but never sends it (a receiver that keeps no model posts
     # its receive only when instructed).
@@ -795,38 +625,43 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
     receiver.setup_connection_and_weights_on_receiver(worker_idx=2)
     connecting.join(10)
     assert receiver.channel == sender.channel == "group"
-    client(timeout).set(worker_keys(3).instruction, INSTRUCTION)  # what a sender writes before it sends
+    store_client(timeout).set(worker_keys(3).instruction, INSTRUCTION)  # what a sender writes before it sends
     _, err, took = timed(lambda: receiver.receive_weights(timeout))
-    assert_timed_out(err, took, limit, "receiving weights failed")
+    assert_timed_out(err, took, "receiving weights failed")
     sender.close()  # nothing of a pair, its groups or an armed receive, lingers for later tests in this process
     receiver.close()
 
     # An armed worker that was busy drops an update superseded meanwhile, and the newest one never comes.
     sender = DistributedTransport(
-        weights_buffer=small_policy(), store=client(timeout), rank=6, timeout=timeout, latest_key="test/latest"
+        weights_buffer=small_policy(), store=store_client(timeout), rank=6, timeout=timeout, latest_key="test/latest"
     )
     receiver, policy = transport(6), small_policy(1)
     connecting = threading.Thread(target=sender.setup_connection_and_weights_on_sender)
     connecting.start()
     receiver.setup_connection_and_weights_on_receiver(worker_idx=5, model=policy)
     connecting.join(10)
-    assert client(timeout).get(worker_keys(6).ack) == ACK_ARMED, "a worker applying into its model arms its receive"
-    client(timeout).set("test/latest", b"7")
+    assert store_client(timeout).get(worker_keys(6).ack) == ACK_ARMED, "a worker applying into its model arms its receive"
+    store_client(timeout).set("test/latest", b"7")
     sender.send_weights_async(small_policy(2), version=3)
-    time.sleep(0.01)  # the worker's "rollout": the update lands meanwhile
+    # The worker's "rollout": the update lands meanwhile, and the worker's last look (when it armed) gets older
+    # than a fresh one (0.5 ms), after which it asks the store whether what landed is still the newest.
+    wait_until(
+        lambda: receiver._channel._landed() and time.monotonic() - receiver._channel._looked_at > 0.005,
+        10, "the update landed in the armed receive",
+    )  # fmt: skip
     _, err, took = timed(lambda: receiver.receive_weights(0, model=policy))
-    assert_timed_out(err, took, limit, "dropped a superseded update")
+    assert_timed_out(err, took, "dropped a superseded update")
     assert sender.wait_ack() is False and receiver.version == 0
     sender.close()
     receiver.close()
 
     # A sender whose worker never posts its receive.
     _, err, took = timed(lambda: transport(5).send_weights(small_policy()))
-    assert_timed_out(err, took, limit, "post its receive", "NODE_5_ready")
+    assert_timed_out(err, took, "post its receive", "NODE_5_ready")
 
     # No instruction pending: receive_weights is a poll with a deadline, not an error.
     result, err, took = timed(lambda: transport(4).receive_weights(0.3))
-    assert result is None and err is None and 0.25 <= took < 2, (result, err, took)
+    assert result is None and err is None and 0.25 <= took < TIMEOUT_BOUND, (result, err, took)
 
     # Nothing listens where the bootstrap store should be.
     _, err, took = timed(lambda: ControlPlane.join("127.0.0.1", free_port(), timeout=1.0))
@@ -834,40 +669,38 @@ def test_blocking_calls_time_out_saying_what_they_waited_for(store):
 
 
 @pytest.mark.timeout(60)
-def test_transport_timeout_holds_whatever_the_store_clients_timeout(store):
+def test_transport_timeout_holds_whatever_the_store_clients_timeout(store_client):
     """``DistributedTransport(timeout=0.5)`` documents "seconds any single blocking step may take": a store
     client opened with a longer timeout (the default one is 5 minutes) must not stretch a connect to it."""
     from fabric_weightsync import DistributedTransport
 
-    _, client = store
-    receiver = DistributedTransport(weights_buffer=small_policy(), store=client(10.0), rank=1, timeout=0.5)
+    receiver = DistributedTransport(weights_buffer=small_policy(), store=store_client(10.0), rank=1, timeout=0.5)
     _, err, took = timed(lambda: receiver.setup_connection_and_weights_on_receiver(worker_idx=0, model=small_policy()))
-    assert_timed_out(err, took, 3.0, "check this worker's schema")
+    assert_timed_out(err, took, "check this worker's schema")
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
-def test_wait_for_update_returns_false_on_timeout(store, transport):
+def test_wait_for_update_returns_false_on_timeout(control_store, transport):
     """``WeightReceiver.wait_for_update(0.2)`` with nothing pushed returns False after about 0.2 s, then True
     once a version is pushed (a real scheme and worker context on a real store, in one process)."""
     from fabric_weightsync import WeightSyncScheme, WorkerContext
     from fabric_weightsync.control import ControlPlane
 
-    server, _ = store
-    plane = ControlPlane("127.0.0.1", server.port, timeout=10.0, server=server)
+    plane = ControlPlane("127.0.0.1", control_store.port, timeout=10.0, server=control_store)
     trainer_policy = small_policy(0)
     scheme = WeightSyncScheme(plane, 1, transport=transport, timeout=10.0)
     scheme.start(trainer_policy)
     try:
         ctx = WorkerContext(
             worker_id=0, num_workers=1, global_rank=1, local_rank=1, node_rank=0, device=torch.device("cpu"),
-            control=ControlPlane("127.0.0.1", server.port, timeout=10.0), timeout=10.0,
+            control=ControlPlane("127.0.0.1", control_store.port, timeout=10.0), timeout=10.0,
         )  # fmt: skip
         policy = small_policy(1)
         rx = ctx.connect(policy)
         assert rx.version == 0
         got, _, took = timed(lambda: rx.wait_for_update(0.2))
-        assert got is False and 0.15 <= took < 1.5, (got, took)
+        assert got is False and 0.15 <= took < TIMEOUT_BOUND, (got, took)
         with torch.no_grad():
             for p in trainer_policy.parameters():
                 p.fill_(7.0)
@@ -879,12 +712,12 @@ def test_wait_for_update_returns_false_on_timeout(store, transport):
 
 
 # ---------------------------------------------------------------------------------------------- 8. soak
-def check_soak(launch: Launch, name: str, pushes: int) -> None:
-    assert launch.proc(name).returncode == 0, launch.describe()
-    final = launch.one("FINAL", proc=name)
+def check_soak(run: FaultRun, name: str, pushes: int) -> None:
+    assert run.proc(name).returncode == 0, run.describe()
+    final = run.one("FINAL", proc=name)
     assert final["delivered"] == [pushes, pushes]
     warm = pushes // 5
-    before, after = launch.one("SAMPLE", step=warm, proc=name), launch.one("SAMPLE", step=pushes, proc=name)
+    before, after = run.one("SAMPLE", step=warm, proc=name), run.one("SAMPLE", step=pushes, proc=name)
     growth = after["rss"] / before["rss"] - 1
     assert growth < 0.05, f"rank 0 RSS grew {growth:.1%} from push {warm} to {pushes}"
     # A few keys come and go with each transfer (instruction, ready, ack): a leak grows with the pushes.
@@ -892,8 +725,8 @@ def check_soak(launch: Launch, name: str, pushes: int) -> None:
     assert after["fds"] <= before["fds"] + 2, f"rank 0 leaks file descriptors: {before['fds']} -> {after['fds']}"
     assert after["threads"] <= before["threads"], f"rank 0 leaks threads: {before['threads']} -> {after['threads']}"
     for worker_id in (0, 1):
-        done = launch.one("WORKER_DONE", worker_id=worker_id, proc=name)
-        connected = launch.one("WORKER_CONNECTED", worker_id=worker_id, proc=name)
+        done = run.one("WORKER_DONE", worker_id=worker_id, proc=name)
+        connected = run.one("WORKER_CONNECTED", worker_id=worker_id, proc=name)
         assert done["final_version"] == pushes and done["lo"] == done["hi"] == float(pushes)
         assert done["applied"] == pushes + 1, f"worker {worker_id} applied {done['applied'] - 1} of {pushes} pushes"
         assert done["fds"] <= connected["fds"] + 2, f"worker {worker_id} leaks fds: {connected['fds']} -> {done['fds']}"
@@ -912,11 +745,11 @@ def test_soak_1000_pushes_leaks_nothing(two_runs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_soak_10000_pushes_leaks_nothing(launch):
-    popen_run(launch, *soak_args(10_000), name="soak")
-    launch.wait_all(850)
-    check_soak(launch, "soak", 10_000)
-    launch.assert_no_survivors()
+def test_soak_10000_pushes_leaks_nothing(fault_run):
+    popen_run(fault_run, *soak_args(10_000), name="soak")
+    fault_run.wait_all(850)
+    check_soak(fault_run, "soak", 10_000)
+    fault_run.assert_no_survivors()
 
 
 # ---------------------------------------------------------------------------------------------- 9. security

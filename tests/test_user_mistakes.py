@@ -21,7 +21,7 @@ import torch.distributed as dist
 from lightning.fabric import Fabric
 from torch import nn
 
-from conftest import SCRIPTS_DIR, clean_env, free_port
+from conftest import SCRIPTS_DIR, Processes, clean_env, free_port, slurm_envs
 from fabric_weightsync import DistributedTransport, SchemaMismatchError, WeightSyncCallback, WeightSyncStrategy
 from fabric_weightsync.protocol import ENDED_KEY
 
@@ -117,14 +117,12 @@ def test_threads_polling_one_receiver_over_gloo_never_corrupt_its_policy(tmp_pat
 # ---------------------------------------------------------------------- a refused policy, under load
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("cpu_hogs")
-def test_a_refused_policy_is_always_told_so_never_a_json_error() -> None:
+def test_a_refused_policy_is_always_told_so_never_a_json_error(store_client) -> None:
     """The trainer refuses a worker's policy and drops the connection at once: the worker, reading the verdict
     meanwhile, must get the SchemaMismatchError every time, whatever the interleaving."""
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
 
     def transport(rank: int, width: int) -> DistributedTransport:
-        client = dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=30))
-        return DistributedTransport(weights_buffer=nn.Linear(4, width), store=client, rank=rank, timeout=30)
+        return DistributedTransport(weights_buffer=nn.Linear(4, width), store=store_client(30), rank=rank, timeout=30)
 
     outcomes = []
     for rank in range(1, 101):
@@ -204,42 +202,23 @@ def test_a_local_worker_fn_is_fine_with_fork() -> None:
 
 
 # ---------------------------------------------------------------------- workers that come after training ended
-def slurm_env(rank: int, ntasks: int, port: int) -> dict:
-    return clean_env(
-        MASTER_PORT=port, SLURM_NTASKS=ntasks, SLURM_NTASKS_PER_NODE=ntasks, SLURM_PROCID=rank, SLURM_LOCALID=rank,
-        SLURM_NODEID=0, SLURM_NNODES=1, SLURM_JOB_ID=4243, SLURM_JOB_NAME="train", SLURM_NODELIST="localhost",
-    )  # fmt: skip
-
-
 @pytest.mark.timeout(150)
 def test_workers_that_come_after_training_ended_exit_at_once_with_code_0(tmp_path: Path) -> None:
-    port, script = free_port(), str(SCRIPTS_DIR / "late_worker_train.py")
-    logs = {rank: (open(tmp_path / f"rank{rank}.out", "w+"), open(tmp_path / f"rank{rank}.err", "w+")) for rank in range(3)}
-
-    def start(rank: int) -> subprocess.Popen:
-        out, err = logs[rank]
-        return subprocess.Popen([sys.executable, script], env=slurm_env(rank, 3, port), cwd=tmp_path, stdout=out, stderr=err)
-
-    procs = [start(0), start(1)]
+    port = free_port()
+    envs = slurm_envs(clean_env(MASTER_PORT=port), tasks_per_node=3)
+    cmd = [sys.executable, str(SCRIPTS_DIR / "late_worker_train.py")]
+    procs = Processes(tmp_path)
     try:
+        trainer, early = procs.start("rank0", cmd, envs[0]), procs.start("rank1", cmd, envs[1])
         rendezvous = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=60))
         rendezvous.wait([ENDED_KEY], timedelta(seconds=60))  # rank 0 says training is over
-        ended = time.monotonic()
-        procs.append(start(2))  # a worker process that starts only now
-        codes, exited = {}, {}
-        while len(codes) < 3 and time.monotonic() - ended < 90:
-            for rank, proc in enumerate(procs):
-                if rank not in codes and proc.poll() is not None:
-                    codes[rank], exited[rank] = proc.returncode, time.monotonic() - ended
-            time.sleep(0.1)
+        ended = time.time()
+        late = procs.start("rank2", cmd, envs[2])  # a worker process that starts only now
+        assert procs.wait(90), procs.describe()
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-    stderr = {rank: (tmp_path / f"rank{rank}.err").read_text() for rank in range(3)}
-    assert codes == {0: 0, 1: 0, 2: 0}, f"exit codes {codes}: {stderr}"
-    assert "training ended before worker 0 could connect" in stderr[1]
-    assert "training had already ended when this worker started" in stderr[2]
+        procs.close()
+    assert [p.returncode for p in (trainer, early, late)] == [0, 0, 0], procs.describe()
+    assert "training ended before worker 0 could connect" in early.stderr()
+    assert "training had already ended when this worker started" in late.stderr()
     # Exiting at once is the feature: the wait they used to make was the 60 s sync timeout.
-    assert exited[1] < 20 and exited[2] < 20, exited
+    assert early.exit_time - ended < 20 and late.exit_time - ended < 20, procs.describe()
