@@ -55,14 +55,15 @@ class ControlPlane:
         return cls(main_address, port, timeout, server=server, bootstrap=bootstrap)
 
     @classmethod
-    def join(cls, main_address: str, bootstrap_port: int, timeout: float) -> "ControlPlane":
+    def join(cls, main_address: str, bootstrap_port: int, timeout: float, *, after_end: bool = False) -> "ControlPlane":
         """Find the store through the bootstrap store (waits up to ``timeout`` for rank 0 to publish it).
 
-        Raises :class:`~fabric_weightsync.protocol.TrainingEnded` when rank 0 already said the run is over.
+        Raises :class:`~fabric_weightsync.protocol.TrainingEnded` when rank 0 already said the run is over, unless
+        ``after_end`` (to report something to a rank 0 that may still listen).
         """
         bootstrap = open_client(main_address, bootstrap_port, timeout)
         bootstrap.wait([BOOTSTRAP_KEY], timedelta(seconds=timeout))
-        if bootstrap.check([ENDED_KEY]):
+        if not after_end and bootstrap.check([ENDED_KEY]):
             raise TrainingEnded("training had already ended when this worker started")
         host, port = bootstrap.get(BOOTSTRAP_KEY).decode().rsplit(":", 1)
         return cls(host, int(port), timeout)

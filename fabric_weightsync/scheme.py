@@ -8,7 +8,7 @@ never touches the network or the store. Worker health and the failure policy liv
 
 import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -25,12 +25,27 @@ FLUSH_POLL_S = 0.0005
 """How often :meth:`WeightSyncScheme.flush` looks at the acks at most: shared-memory workers write theirs on the
 board, which notifies nobody."""
 
-TRANSPORTS = {"auto": ("gloo", "auto"), "shm": ("gloo", "shm"), "gloo": ("gloo", "group"), "nccl": ("nccl", "group")}
-"""Each ``transport`` choice as (the pair group's backend, the transport's channel preference)."""
+class TransportChoice(NamedTuple):
+    """What a ``transport`` setting means for the scheme."""
+
+    backend: str
+    """Backend of the pair groups."""
+    channel: str
+    """The transports' channel preference."""
+    shared_staging: bool
+    """Whether workers on this host may read the staging buffers in place, so they go in ``/dev/shm``."""
 
 
-def split_transport(transport: str) -> tuple[str, str]:
-    """A ``transport`` choice as the pair group's backend and the transport's channel preference."""
+TRANSPORTS = {
+    "auto": TransportChoice("gloo", "auto", True),
+    "shm": TransportChoice("gloo", "shm", True),
+    "gloo": TransportChoice("gloo", "group", False),
+    "nccl": TransportChoice("nccl", "group", False),
+}
+
+
+def split_transport(transport: str) -> TransportChoice:
+    """What a ``transport`` setting means; ``ValueError`` naming the allowed ones for anything else."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {sorted(TRANSPORTS)}, got {transport!r}")
     return TRANSPORTS[transport]
@@ -64,7 +79,7 @@ class WeightSyncScheme:
         checksum: bool = False,
         flatten_weights: bool = True,
     ) -> None:
-        self.backend, self.channel = split_transport(transport)
+        self.backend, self.channel, self._shared_staging = split_transport(transport)
         self.control = control
         self.timeout = timeout
         self.checksum = checksum
@@ -104,7 +119,7 @@ class WeightSyncScheme:
         # a GPU trainer pays one device-to-host copy per push), or the GPU for nccl.
         device = sources[0].device if self.backend == "nccl" and sources else torch.device("cpu")
         self.staging = Staging(
-            module, workers=len(self.workers), shared=self.channel != "group", device=device, checksum=self.checksum,
+            module, workers=len(self.workers), shared=self._shared_staging, device=device, checksum=self.checksum,
             flatten=self.flatten_weights, pushed=self._pushed,
         )  # fmt: skip
         self.staging.start(version)

@@ -138,7 +138,7 @@ class WeightSyncStrategy(DDPStrategy):
 
     def worker_spec(self) -> WorkerSpec:
         """What launchers need to run this node's workers."""
-        backend = split_transport(self.transport)[0]
+        backend = split_transport(self.transport).backend
         return WorkerSpec(self.worker_fn, self.layout, backend, self.sync_timeout, self.worker_device)
 
     # ------------------------------------------------------------------ launching

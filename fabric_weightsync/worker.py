@@ -31,6 +31,9 @@ TRAINER_LOST_TIMEOUT = 10.0
 EXIT_TRAINER_LOST = 75
 """Exit code of a worker that lost training rank 0."""
 
+LATE_REPORT_TIMEOUT_S = 2.0
+"""Seconds a worker that found training over tries to tell rank 0 it exited."""
+
 UPDATE_WAIT_SLICE_S = 0.1
 """``wait_for_update`` waits in slices this long, so it notices the end of training."""
 
@@ -324,6 +327,8 @@ class WorkerSpec:
             control = ControlPlane.join(main_address, main_port, self.sync_timeout)
         except TrainingEnded as ended:
             _say(f"worker {worker_id}: {ended}; nothing to do, exiting")
+            # Rank 0 may still wait for this worker's exit; it is not worth more than a brief try.
+            self.report_exit(main_address, main_port, node_rank, local_rank, 0, timeout=LATE_REPORT_TIMEOUT_S)
             return 0
         try:
             context = WorkerContext(
@@ -343,11 +348,15 @@ class WorkerSpec:
             _say(f"inference worker {worker_id} failed:\n{traceback.format_exc()}")
             return 1
 
-    def report_exit(self, main_address: str, main_port: int, node_rank: int, local_rank: int, code: int) -> None:
-        """A launcher saw a worker process of this node die: tell rank 0's monitor at once."""
+    def report_exit(
+        self, main_address: str, main_port: int, node_rank: int, local_rank: int, code: int, timeout: Optional[float] = None
+    ) -> None:
+        """Tell rank 0's monitor that a worker process of this node exited with ``code`` (a launcher saw it die, or
+        it found training over); ``timeout`` defaults to the sync timeout."""
         rank = self.layout.worker_id(node_rank, local_rank) + 1
+        timeout = self.sync_timeout if timeout is None else timeout
         try:
-            ControlPlane.join(main_address, main_port, self.sync_timeout).client().set(worker_keys(rank).exit, str(code).encode())
+            ControlPlane.join(main_address, main_port, timeout, after_end=True).store.set(worker_keys(rank).exit, str(code).encode())
         except Exception:  # training rank 0 is gone too; nothing to tell
             pass
 
