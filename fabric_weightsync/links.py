@@ -167,7 +167,8 @@ class _WorkerLink(threading.Thread):
 
     def _serve(self, transport: DistributedTransport) -> None:
         links, staging = self.links, self.links.staging
-        if not poll_until(transport.check_connection, None, max_pause=protocol.SLOW_POLL_S, aborted=lambda: links.closing):
+        poll_until(lambda: links.closing or transport.check_connection(), None, max_pause=protocol.SLOW_POLL_S)
+        if links.closing:
             return
         links.health.joined(self.status)
         with staging.pin_latest() as wire:

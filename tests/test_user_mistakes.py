@@ -202,7 +202,7 @@ def test_a_local_worker_fn_is_fine_with_fork() -> None:
 
 
 # ---------------------------------------------------------------------- workers that come after training ended
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_workers_that_come_after_training_ended_exit_at_once_with_code_0(tmp_path: Path) -> None:
     port = free_port()
     envs = slurm_envs(clean_env(MASTER_PORT=port), tasks_per_node=3)
@@ -214,11 +214,12 @@ def test_workers_that_come_after_training_ended_exit_at_once_with_code_0(tmp_pat
         rendezvous.wait([ENDED_KEY], timedelta(seconds=60))  # rank 0 says training is over
         ended = time.time()
         late = procs.start("rank2", cmd, envs[2])  # a worker process that starts only now
-        assert procs.wait(90), procs.describe()
+        assert procs.wait(150), procs.describe()
     finally:
         procs.close()
     assert [p.returncode for p in (trainer, early, late)] == [0, 0, 0], procs.describe()
     assert "training ended before worker 0 could connect" in early.stderr()
     assert "training had already ended when this worker started" in late.stderr()
-    # Exiting at once is the feature: the wait they used to make was the 60 s sync timeout.
-    assert early.exit_time - ended < 20 and late.exit_time - ended < 20, procs.describe()
+    # Exiting without a wait is the feature: they used to wait out the 60 s sync timeout. The late one's bound
+    # includes starting a Python process with torch and Lightning on a possibly loaded machine.
+    assert early.exit_time - ended < 20 and late.exit_time - ended < 45, procs.describe()
