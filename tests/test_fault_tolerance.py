@@ -197,8 +197,9 @@ def test_worker_killed_mid_receive_training_continues(mid_receive_run):
     assert final["alive"] == [False, True], final
     assert final["errors"][1] is None
     assert final["delivered"][1] == steps
-    # A trainer that waited on the dead worker would show the sync timeout (40 s) here.
-    assert final["push_max"] < PUSH_BOUND, f"an optimizer step + push took {final['push_max']:.2f}s"
+    # A trainer that waited on the dead worker would show the 40 s sync timeout here (the heartbeat timeout is
+    # 20 s): a quarter of it is the bound, which a step starved of CPU on a loaded machine stays well under.
+    assert final["push_max"] < MID_RECEIVE_SYNC_TIMEOUT / 4, f"an optimizer step + push took {final['push_max']:.2f}s"
 
     survivor = run.one("WORKER_DONE", worker_id=1)
     assert survivor["final_version"] == steps
