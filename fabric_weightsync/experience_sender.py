@@ -19,11 +19,8 @@ from fabric_weightsync.channels import new_pair_group
 from fabric_weightsync.experience import ExperienceError, ExperienceSchema, ExperienceSchemaError, ExperienceTimeout
 from fabric_weightsync.protocol import experience_epoch_key, experience_group_name, experience_key, poll_until
 
-TAG = 0
 STOP_CHECK_S = 0.05
 """Seconds between looks at the stop flag (and weight polls) while a worker waits for its training rank."""
-END_GRACE_S = 5.0
-"""Seconds to wait for the stop flag after a connection dropped, before calling it a failure."""
 
 
 class ExperienceSender:
@@ -90,11 +87,11 @@ class ExperienceSender:
         if not self._wait_for(lambda: self._store.delete_key(credit), deadline, timeout, waiting_for):
             return False
         try:
-            self._group.send([self._wire.storage], 1, TAG).wait(timedelta(seconds=max(timeout, 1.0)))
+            self._group.send([self._wire.storage], 1, protocol.EXPERIENCE_TAG).wait(timedelta(seconds=max(timeout, 1.0)))
         except RuntimeError as err:
             # The receive was posted, so only a training rank that ended can fail this send.
             self._group = None
-            if poll_until(self._stop_requested, END_GRACE_S, max_pause=protocol.SLOW_POLL_S):
+            if poll_until(self._stop_requested, protocol.END_GRACE_S, max_pause=protocol.SLOW_POLL_S):
                 self._over = True  # the pair group is gone for good: later batches have nowhere to go
                 return False
             self._failed = str(err)

@@ -19,7 +19,6 @@ import torch.distributed as dist
 import fabric_weightsync.protocol as protocol
 from fabric_weightsync.channels import new_pair_group
 from fabric_weightsync.experience import ExperienceBatch, ExperienceError, ExperienceSchema, ExperienceTimeout
-from fabric_weightsync.experience_sender import END_GRACE_S, TAG
 from fabric_weightsync.health import FailurePolicy, WorkerFailedError, read_exit_report
 from fabric_weightsync.protocol import STOP_KEY, experience_epoch_key, experience_group_name, experience_key, poll_until, worker_keys
 
@@ -306,7 +305,7 @@ class _WorkerReceiver(threading.Thread):
         while self.stream._acquire_slot():
             storage = torch.empty(schema.layout.nbytes, dtype=torch.uint8)
             try:
-                work = group.recv([storage], 0, TAG)
+                work = group.recv([storage], 0, protocol.EXPERIENCE_TAG)
                 self.store.set(credit, b"1")
                 work.wait(_FOREVER)
             except BaseException:
@@ -346,7 +345,7 @@ class _WorkerReceiver(threading.Thread):
             return bool(reason)
 
         try:
-            if poll_until(explained, END_GRACE_S, max_pause=protocol.SLOW_POLL_S):
+            if poll_until(explained, protocol.END_GRACE_S, max_pause=protocol.SLOW_POLL_S):
                 return reason[0]
             return f"lost the connection to it: {err}"
         except Exception:  # the store went away with training rank 0: training is over

@@ -39,6 +39,11 @@ ACK_WORDS = (ACK, ACK_ARMED, SUPERSEDED, REFUSED)
 UPDATE_TAG = 0
 INITIAL_TAG = 1
 """Message tags on a weight group: an update, and the initial weights sent at connect."""
+EXPERIENCE_TAG = 0
+"""Message tag of an experience batch on its pair group."""
+END_GRACE_S = 5.0
+"""Seconds either end of the experience path waits for the stop flag (or an exit report) after its connection
+dropped, before calling it a failure."""
 
 MEMORY_POLL_S = 0.001
 """Longest pause between two looks at memory (an armed receive, the shared-memory board)."""
