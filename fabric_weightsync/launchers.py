@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
@@ -27,6 +28,10 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from typing_extensions import override
 
 from fabric_weightsync.worker import WorkerSpec
+
+CRASH_GRACE_S = 5.0
+"""Seconds workers get to exit after training failed: they were told to stop, and one may still be printing why it
+failed (a schema mismatch is reported on both sides)."""
 
 
 class TrainingCrash:
@@ -106,17 +111,15 @@ class WeightSyncScriptLauncher(_Launcher):
         ranks may still be finishing, and workers still taking the final version from rank 0.
         """
         layout = self.worker.layout
+        trainers = [proc for rank, proc in self.children.items() if not layout.is_worker(rank)]
+        workers = [proc for rank, proc in self.children.items() if layout.is_worker(rank)]
         if self.crash.crashed:  # training children may be blocked in a collective with this dead rank
-            _join_or_kill(list(self.children.values()), 0.0, wait=lambda proc, t: proc.wait(t))
+            _join_or_kill(trainers, 0.0, wait=lambda proc, t: proc.wait(t))
+            _join_or_kill(workers, min(CRASH_GRACE_S, self.shutdown_timeout), wait=lambda proc, t: proc.wait(t))
             return
-        for rank, proc in self.children.items():
-            if not layout.is_worker(rank):
-                proc.wait()
-        _join_or_kill(
-            [proc for rank, proc in self.children.items() if layout.is_worker(rank)],
-            self.shutdown_timeout,
-            wait=lambda proc, t: proc.wait(t),
-        )
+        for proc in trainers:
+            proc.wait()
+        _join_or_kill(workers, self.shutdown_timeout, wait=lambda proc, t: proc.wait(t))
 
 
 class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
@@ -163,7 +166,7 @@ class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
         watcher.start()
         return_queue = context.SimpleQueue()
         process_args = [function, args, kwargs, return_queue] + ([states] if states else [])
-        grace = 0.0  # training failed: workers have no one left to serve
+        grace = min(CRASH_GRACE_S, self.shutdown_timeout)  # training failed: workers have no one left to serve
         try:
             mp.start_processes(self._wrapping_function, args=process_args, nprocs=layout.devices, start_method=self._start_method)
             grace = self.shutdown_timeout
@@ -227,9 +230,10 @@ class _ChildWatcher(threading.Thread):
 
 
 def _join_or_kill(procs: list, timeout: float, wait: Callable[[Any, float], Any]) -> None:
+    deadline = time.monotonic() + timeout  # one budget for all of them, not one each
     for proc in procs:
         try:
-            wait(proc, timeout)
+            wait(proc, max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
         if (proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode) is None:
