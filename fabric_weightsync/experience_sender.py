@@ -11,13 +11,13 @@ from datetime import timedelta
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from tensordict import TensorDictBase
 
 import fabric_weightsync.protocol as protocol
+from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.channels import new_pair_group
 from fabric_weightsync.experience import ExperienceError, ExperienceSchema, ExperienceSchemaError, ExperienceTimeout
-from fabric_weightsync.protocol import experience_epoch_key, experience_group_name, experience_key, poll_until
+from fabric_weightsync.protocol import experience_epoch_key, experience_group_name, experience_key, poll_until, read_epoch
 
 STOP_CHECK_S = 0.05
 """Seconds between looks at the stop flag (and weight polls) while a worker waits for its training rank."""
@@ -39,7 +39,7 @@ class ExperienceSender:
         self,
         worker_id: int,
         target_rank: int,
-        store: dist.Store,
+        store: ControlStore,
         timeout: float,
         stop_requested: Callable[[], bool],
         idle: Callable[[], object],
@@ -102,7 +102,8 @@ class ExperienceSender:
     def _connect(self, schema: ExperienceSchema, deadline: float, timeout: float) -> bool:
         wid = self.worker_id
         self._schema, self._wire = schema, schema.wire()
-        self._epoch = int(self._store.add(experience_epoch_key(wid), 1))
+        self._epoch = read_epoch(self._store, wid) + 1  # only this worker's process writes its count
+        self._store.set(experience_epoch_key(wid), str(self._epoch))
         self._store.set(experience_key(wid, self._epoch, "schema"), schema.to_json().encode())
         what = (
             f"to open its experience stream (training rank {self.target_rank} must call fabric.strategy.experience()"
@@ -111,6 +112,9 @@ class ExperienceSender:
         accept = experience_key(wid, self._epoch, "accept")
         if not self._wait_for(lambda: self._store.check([accept]), deadline, timeout, what):
             return False
+        answer = self._store.get(accept)
+        if answer != protocol.ACCEPTED:
+            raise ExperienceSchemaError(f"Worker {wid}: training rank {self.target_rank} refused its batches: {answer.decode(errors='replace')}")
         self._group = new_pair_group(self._store, experience_group_name(wid, self._epoch), 0, "gloo", self._timeout)
         return True
 

@@ -7,6 +7,7 @@ queue has room: **workers block** when the trainer is slower than they are, and 
 """
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -14,13 +15,13 @@ from datetime import timedelta
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
 import fabric_weightsync.protocol as protocol
+from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.channels import new_pair_group
 from fabric_weightsync.experience import ExperienceBatch, ExperienceError, ExperienceSchema, ExperienceTimeout
 from fabric_weightsync.health import FailurePolicy, WorkerFailedError, read_exit_report
-from fabric_weightsync.protocol import STOP_KEY, experience_epoch_key, experience_group_name, experience_key, poll_until, worker_keys
+from fabric_weightsync.protocol import STOP_KEY, experience_group_name, experience_key, poll_until, read_epoch, worker_keys
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class ExperienceStream:
             ``policy_version()`` (counted in :attr:`dropped`); ``None`` keeps every batch.
         timeout: default seconds :meth:`get` and ``next()`` wait before raising :class:`ExperienceTimeout`;
             ``None`` waits as long as this rank's workers are alive.
+        max_batch_bytes: the largest batch a worker may declare, checked before any buffer is allocated; default:
+            the size of the first worker's batches (and at most a quarter of this host's memory).
     """
 
     def __init__(
@@ -69,13 +72,14 @@ class ExperienceStream:
         rank: int,
         num_training_ranks: int,
         num_workers: int,
-        open_store: Callable[[], dist.Store],
+        open_store: Callable[[], ControlStore],
         policy_version: Callable[[], int],
         on_worker_failure: FailurePolicy = "raise",
         sync_timeout: float = 60.0,
         capacity: Optional[int] = None,
         max_staleness: Optional[int] = None,
         timeout: Optional[float] = None,
+        max_batch_bytes: Optional[int] = None,
     ) -> None:
         self.rank = rank
         self.num_training_ranks = num_training_ranks
@@ -95,6 +99,7 @@ class ExperienceStream:
         self.capacity = capacity if capacity is not None else 2 * len(self.worker_ids)
         self.max_staleness = max_staleness
         self.timeout = timeout
+        self._batch_limit = None if max_batch_bytes is None else (max_batch_bytes, f"max_batch_bytes={max_batch_bytes}")
         self.received = 0
         """Batches that arrived on this rank (taken, dropped or still queued)."""
         self.dropped = 0
@@ -232,6 +237,18 @@ class ExperienceStream:
                 self._unreported.append(worker_id)
             self._cond.notify_all()
 
+    def _admit(self, worker_id: int, nbytes: int) -> Optional[str]:
+        """Why a worker's batches of ``nbytes`` are refused, or ``None`` (the first ones set the default limit)."""
+        with self._cond:
+            limit, setting = self._batch_limit or (_host_memory() // 4, "a quarter of this host's memory")
+            if nbytes > limit:
+                return (
+                    f"worker {worker_id} declares batches of {nbytes} bytes, more than {setting}; pass"
+                    " fabric.strategy.experience(max_batch_bytes=...) if that is meant"
+                )
+            self._batch_limit = self._batch_limit or (nbytes, f"the first worker's batches ({nbytes} bytes)")
+            return None
+
     def _worker_joined(self, worker_id: int) -> None:
         with self._cond:
             self._ended.pop(worker_id, None)
@@ -241,6 +258,10 @@ class ExperienceStream:
         return self._closing
 
 
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class _WorkerReceiver(threading.Thread):
     """Receives one worker's batches: accept its schema, then one posted receive (and one credit) per free slot.
 
@@ -248,7 +269,7 @@ class _WorkerReceiver(threading.Thread):
     received from again.
     """
 
-    def __init__(self, stream: ExperienceStream, worker_id: int, store: dist.Store, timeout: float) -> None:
+    def __init__(self, stream: ExperienceStream, worker_id: int, store: ControlStore, timeout: float) -> None:
         super().__init__(name=f"fws-experience-{worker_id}", daemon=True)
         self.stream = stream
         self.worker_id = worker_id
@@ -277,7 +298,7 @@ class _WorkerReceiver(threading.Thread):
             return
 
     def _epoch(self) -> int:
-        return int(self.store.add(experience_epoch_key(self.worker_id), 0))
+        return read_epoch(self.store, self.worker_id)
 
     def _next_epoch(self, served: int) -> Optional[int]:
         """Wait for a connection newer than ``served``; report a worker that exits without connecting."""
@@ -322,8 +343,14 @@ class _WorkerReceiver(threading.Thread):
         if not self.store.check([key]):
             return None
         schema = ExperienceSchema.from_json(self.store.get(key))
+        accept = experience_key(self.worker_id, epoch, "accept")
+        refused = self.stream._admit(self.worker_id, schema.layout.nbytes)
+        if refused is not None:  # before any buffer of that size exists
+            self.store.set(accept, refused.encode())
+            self.stream._worker_ended(self.worker_id, refused)
+            return None
         self.stream._worker_joined(self.worker_id)
-        self.store.set(experience_key(self.worker_id, epoch, "accept"), b"1")
+        self.store.set(accept, protocol.ACCEPTED)
         return schema
 
     def _why_ended(self, err: Exception, epoch: int) -> Optional[str]:

@@ -6,8 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
-import torch.distributed as dist
-
+from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.protocol import WorkerKeys, worker_keys
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ class WorkerStatus:
     error: Optional[str] = None
     connected: bool = False
     beat: Optional[int] = None
-    """Last heartbeat count seen, and when it was first seen (monotonic); reset when the worker (re)joins."""
+    """Newest heartbeat stamp seen, and when it was first seen (monotonic); reset when the worker (re)joins."""
     beat_seen_at: float = 0.0
 
     @property
@@ -50,12 +49,14 @@ class WorkerStatus:
         return max(self.acked_version, int(row[1])) if row is not None else self.acked_version
 
 
-def read_exit_report(store: dist.Store, keys: WorkerKeys) -> Optional[str]:
+def read_exit_report(store: ControlStore, keys: WorkerKeys) -> Optional[str]:
     """``""`` if the worker finished cleanly, why it failed if it did, ``None`` while it runs."""
-    if store.check([keys.error]):
-        return "it raised:\n" + store.get(keys.error).decode(errors="replace")
-    if store.check([keys.exit]):
-        code = store.get(keys.exit).decode(errors="replace")
+    error = store.read(keys.error)
+    if error is not None:
+        return "it raised:\n" + error.decode(errors="replace")
+    code = store.read(keys.exit)
+    if code is not None:
+        code = code.decode(errors="replace")
         return "" if code == "0" else f"its process exited with code {code}"
     return None
 
@@ -77,7 +78,7 @@ class Health:
         num_workers: int,
         on_worker_failure: FailurePolicy,
         heartbeat_timeout: float,
-        open_store: Callable[[], dist.Store],
+        open_store: Callable[[], ControlStore],
         conditions: tuple[threading.Condition, ...],
     ) -> None:
         if on_worker_failure not in FAILURE_POLICIES:
@@ -158,7 +159,7 @@ class Health:
 class _Monitor(threading.Thread):
     """Declares a worker dead when it reports an error, exits, or its heartbeat stops advancing."""
 
-    def __init__(self, health: Health, store: dist.Store) -> None:
+    def __init__(self, health: Health, store: ControlStore) -> None:
         super().__init__(name="fws-heartbeat-monitor", daemon=True)
         self.health = health
         self._store = store
@@ -187,9 +188,10 @@ class _Monitor(threading.Thread):
         elif report is not None:
             self.health.failed(status.worker_id, report)
         else:
-            beat = self._store.add(keys.heartbeat, 0)
-            if beat != status.beat:
-                status.beat, status.beat_seen_at = beat, now
+            beat = self._store.read(keys.heartbeat)
+            stamp = int(beat) if beat is not None and beat.isdigit() else -1
+            if status.beat is None or stamp > status.beat:  # silence counts from connect; a replayed stamp is no beat
+                status.beat, status.beat_seen_at = stamp, now
                 return
             # A worker that connected has been beating since before its connect; one that never connected may
             # still be starting up (imports, building envs), which is not a failure.

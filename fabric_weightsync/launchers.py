@@ -27,6 +27,7 @@ from lightning.fabric.strategies.launchers.subprocess_script import _basic_subpr
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from typing_extensions import override
 
+from fabric_weightsync.auth import ensure_secret
 from fabric_weightsync.worker import WorkerSpec
 
 CRASH_GRACE_S = 5.0
@@ -90,6 +91,8 @@ class WeightSyncScriptLauncher(_Launcher):
 
     def _start_children(self) -> None:
         env, layout = self.cluster_environment, self.worker.layout
+        if env.node_rank() == 0:  # rank 0's node: the children inherit the run's secret (other nodes: the job's)
+            ensure_secret()
         os.environ["MASTER_ADDR"] = env.main_address
         os.environ["MASTER_PORT"] = str(env.main_port)
         os.environ["NODE_RANK"] = str(env.node_rank())
@@ -150,6 +153,8 @@ class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
         if self._start_method == "spawn":
             _check_missing_main_guard()
         env = self._strategy.cluster_environment
+        if env.node_rank() == 0:  # every process started here inherits the run's secret (other nodes: the job's)
+            ensure_secret()
         os.environ["MASTER_ADDR"] = env.main_address
         os.environ["MASTER_PORT"] = str(env.main_port)
         context = mp.get_context(self._start_method)

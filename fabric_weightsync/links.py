@@ -12,9 +12,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-import torch.distributed as dist
-
 import fabric_weightsync.protocol as protocol
+from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.health import Health, WorkerStatus
 from fabric_weightsync.protocol import poll_until
 from fabric_weightsync.staging import Staging
@@ -40,7 +39,7 @@ class Links:
     """
 
     def __init__(
-        self, staging: Staging, health: Health, open_store: Callable[[], dist.Store], transport_for: TransportFactory, timeout: float
+        self, staging: Staging, health: Health, open_store: Callable[[], ControlStore], transport_for: TransportFactory, timeout: float
     ) -> None:
         self.staging = staging
         self.timeout = timeout
@@ -229,7 +228,7 @@ class _Doorbell(threading.Thread):
         self._bell = threading.Lock()
         self._bell.acquire()  # held = not rung
         self._stopped = False
-        self._store: Optional[dist.Store] = None
+        self._store: Optional[ControlStore] = None
 
     def ring(self) -> None:
         try:

@@ -11,6 +11,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch.distributed as dist
 
+from fabric_weightsync.auth import ControlStore
+
 BOOTSTRAP_KEY = "fabric_weightsync/control"
 """In the rendezvous store on ``MASTER_PORT``: ``host:port`` of the control store."""
 STOP_KEY = "fws/stop"
@@ -40,6 +42,9 @@ UPDATE_TAG = 0
 INITIAL_TAG = 1
 """Message tags on a weight group: an update, and the initial weights sent at connect."""
 EXPERIENCE_TAG = 0
+
+ACCEPTED = b"1"
+"""A training rank's answer to a worker's experience schema; anything else is why it refused it."""
 """Message tag of an experience batch on its pair group."""
 END_GRACE_S = 5.0
 """Seconds either end of the experience path waits for the stop flag (or an exit report) after its connection
@@ -96,6 +101,12 @@ def experience_epoch_key(worker_id: int) -> str:
     return f"fws/expctl/{worker_id}/epoch"
 
 
+def read_epoch(store: ControlStore, worker_id: int) -> int:
+    """How many experience connections the worker has opened (0: none, or nothing readable there)."""
+    value = store.read(experience_epoch_key(worker_id))
+    return int(value) if value is not None and value.isdigit() else 0
+
+
 def experience_key(worker_id: int, epoch: int, name: str) -> str:
     """``schema`` (worker's batch layout), ``accept`` (receiver ready) or ``credit`` (a receive is posted)."""
     return f"fws/expctl/{worker_id}/{epoch}/{name}"
@@ -136,7 +147,7 @@ def poll_until(
     return True
 
 
-def await_key(store: dist.Store, key: str, what: str, timeout: Optional[float] = None) -> bytes:
+def await_key(store: ControlStore, key: str, what: str, timeout: Optional[float] = None) -> bytes:
     """The value of ``key`` once it is set; raises :class:`StoreTimeout` naming ``what`` and the key.
 
     Without ``timeout`` this is one round trip (a store ``get`` blocks up to the client's own timeout).

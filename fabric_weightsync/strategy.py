@@ -246,6 +246,7 @@ class WeightSyncStrategy(DDPStrategy):
             scheme.close()
             control.request_stop()
             _wait_for_exits(control, scheme, self.shutdown_timeout)
+            control.close()
         # A daemon thread still inside a store call when the interpreter finalizes aborts the process.
         if self._experience is not None:
             self._experience.close(wait=EXPERIENCE_CLOSE_S)

@@ -17,7 +17,6 @@ same methods.
 """
 
 import json
-from datetime import timedelta
 from typing import Any, Callable, ContextManager, Literal, Optional, Protocol, TypeVar, Union
 
 import torch
@@ -26,6 +25,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 import fabric_weightsync.protocol as protocol
+from fabric_weightsync.auth import ControlStore, as_control_store
 from fabric_weightsync.channels import ChannelError, ChannelTimeout, Endpoint, channel_named, choose, host_id
 from fabric_weightsync.flat import ModuleTargets
 from fabric_weightsync.protocol import Aborted, StoreTimeout, TrainingEnded, await_key, poll_until, worker_keys
@@ -66,7 +66,9 @@ class DistributedTransport:
             :class:`~fabric_weightsync.wire.WireBuffer`. The transport keeps a wire buffer of it (the given one when
             it already is one): the sender's staging area or the receiver's landing area, in host memory (on the
             weights' GPU with ``backend="nccl"``). GPU policies are updated with one host-to-device copy.
-        store: the control-plane store. Give each transport its own client: a store client serialises its calls.
+        store: the control-plane store: a :class:`~fabric_weightsync.auth.ControlStore` (values signed with the run's
+            secret, as the library's own clients are) or a bare ``dist.Store``. Give each transport its own client: a
+            store client serialises its calls.
         rank: the worker's rank, 1-indexed as in TorchRL (``worker_idx + 1``); names the store keys.
         sync: with ``False``, :meth:`send_weights` returns once the send is posted; :meth:`wait_ack` finishes it.
         group: an existing two-rank process group (sender rank 0, worker rank 1) instead of one built on ``store``.
@@ -88,7 +90,7 @@ class DistributedTransport:
         self,
         *,
         weights_buffer: Union[WireBuffer, TensorDictBase, nn.Module, dict],
-        store: Optional[dist.Store] = None,
+        store: Union[ControlStore, dist.Store, None] = None,
         rank: Optional[int] = None,
         sync: bool = True,
         group: Optional[dist.ProcessGroup] = None,
@@ -104,7 +106,7 @@ class DistributedTransport:
         if channel not in ("group", "shm", "auto"):
             raise ValueError(f"channel must be 'group', 'shm' or 'auto', got {channel!r}")
         if store is not None:  # gets and waits without an explicit timeout use the client's: make it ours
-            store.set_timeout(timedelta(seconds=timeout))
+            store = as_control_store(store, timeout)
         self._store = store
         self._rank = rank
         self._sync = sync
@@ -285,7 +287,7 @@ class DistributedTransport:
         return self._receive(protocol.INITIAL_TAG, weights, model, strategy)
 
     # ------------------------------------------------------------------ lifecycle
-    def abort(self, store: dist.Store) -> None:
+    def abort(self, store: ControlStore) -> None:
         """Make a thread blocked on this transport give up; call it from another thread with its own store client."""
         if self._closed:  # nobody waits on it, and its keys may belong to this rank's next connection by now
             return

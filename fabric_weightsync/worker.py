@@ -13,10 +13,11 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
+from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout
 from fabric_weightsync.experience_sender import ExperienceSender
-from fabric_weightsync.protocol import STOP_KEY, TrainingEnded, worker_keys
+from fabric_weightsync.protocol import STOP_KEY, TrainingEnded, WorkerKeys, worker_keys
 from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import WeightStrategy
 
@@ -243,7 +244,7 @@ class _Heartbeat(threading.Thread):
         keys = worker_keys(self.context.rank)
         while not self._stopped.wait(HEARTBEAT_INTERVAL):
             try:
-                self._store.add(keys.heartbeat, 1)
+                _beat(self._store, keys)
                 self.context.evicted = self.context.evicted or self._store.check([keys.evicted])
                 # A normal end must never read as a lost trainer, even if worker_fn never looked at the flag.
                 self.context.training_ended = self.context.training_ended or self._store.check([STOP_KEY])
@@ -267,7 +268,7 @@ def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerCont
     store, keys = context.control.store, worker_keys(context.rank)
     for stale in (keys.error, keys.exit, keys.evicted):  # a previous process's
         store.delete_key(stale)
-    store.add(keys.heartbeat, 1)  # beat once now: the monitor may look before the thread's first beat
+    _beat(store, keys)  # once now: the monitor may look before the thread's first beat
     heartbeat = _Heartbeat(context)
     heartbeat.start()
     code = "1"
@@ -287,6 +288,11 @@ def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerCont
         _say(f"worker {context.worker_id}: training rank 0 became unreachable before training ended")
         return EXIT_TRAINER_LOST
     return 0
+
+
+def _beat(store: ControlStore, keys: WorkerKeys) -> None:
+    """A heartbeat: a fresh timestamp, so a replayed older value reads as no beat at all."""
+    store.set(keys.heartbeat, str(time.time_ns()))
 
 
 def _say(message: str) -> None:

@@ -127,14 +127,13 @@ def test_newest_version_reaches_the_store_only_while_a_worker_holds_an_unanswere
                 scheme.push(version)
                 assert scheme.flush(10), f"version {version} was not delivered"
             wait_until(lambda: scheme.links.idle_group_links == 1, 10, "the link waits for a newer version")
-            # Read as workers read it (add 0): a worker that asked while nothing was published made it 0.
-            assert control.store.add(LATEST_KEY, 0) == 0, "pushes to a worker whose link was idle wrote the newest version"
+            assert control.store.read(LATEST_KEY) is None, "pushes to a worker whose link was idle wrote the newest version"
 
             os.kill(procs[0].pid, signal.SIGSTOP)  # it cannot poll: version 6 lands and stays unanswered
             scheme.push(6)
             wait_until(lambda: scheme.links.sent_version(0) == 6, 10, "the link sent version 6")
             scheme.push(7)
-            wait_until(lambda: control.store.add(LATEST_KEY, 0) == 7, 10, "version 7 is in the store")
+            wait_until(lambda: control.store.read(LATEST_KEY) == b"7", 10, "version 7 is in the store")
             os.kill(procs[0].pid, signal.SIGCONT)
             assert scheme.flush(20) and scheme.workers[0].delivered_version == 7
         finally:

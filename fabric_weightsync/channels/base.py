@@ -11,6 +11,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import torch.distributed as dist
 
+from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.weights import WeightSchema
 from fabric_weightsync.wire import WireBuffer
 
@@ -27,7 +28,7 @@ class ChannelTimeout(ChannelError):
 class Endpoint:
     """What a channel knows of its transport: the peer's rank, the control store and the limits."""
 
-    store: Optional[dist.Store]
+    store: Optional[ControlStore]
     rank: Optional[int]
     timeout: float
     aborted: Callable[[], bool]
@@ -103,7 +104,7 @@ class Channel(Protocol):
     def acknowledge(self, version: int, word: bytes, arm: Optional[WireBuffer]) -> None:
         """Worker side: answer the update just received; ``arm``: land the next one there, if the plane can."""
 
-    def wake(self, store: dist.Store) -> None:
+    def wake(self, store: ControlStore) -> None:
         """Make a thread blocked on this channel notice the abort (``store``: a client of the caller's own)."""
 
     def close(self) -> None:

@@ -5,12 +5,15 @@ and one fill word per buffer. The sender writes publications and fills, each wor
 same files, so a worker's poll is a memory read and no update needs a store round trip.
 """
 
+import contextlib
 import fcntl
 import functools
 import os
+import re
+import stat
 import threading
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -54,9 +57,9 @@ class SharedStaging:
         self._write_locked: set[int] = set()
 
     @classmethod
-    def create(cls, schema: WeightSchema, buffers: int, ranks: int, run_id: Optional[str] = None) -> "SharedStaging":
+    def create(cls, schema: WeightSchema, buffers: int, ranks: int) -> "SharedStaging":
         """``buffers`` staging buffers and a board for worker ranks ``1..ranks``, new files of this process."""
-        run_id = run_id or new_run_id()
+        run_id = new_run_id()
         wires = [create_shared_buffer(schema, run_id, index) for index in range(buffers)]
         board_path = os.path.join(shm_dir(), f"{SHM_PREFIX}{run_id}-board")
         words = _map_words(board_path, 2 * (ranks + 1) + buffers)
@@ -182,12 +185,11 @@ class SharedStaging:
 
 
 def _map_words(path: str, count: Optional[int]) -> torch.Tensor:
-    """int64 words of a shared file: a new file of ``count`` words, or the whole existing file."""
-    if count is None:
-        if not os.path.exists(path):
-            raise ChannelError(f"shared-memory board {path} is missing; use transport='gloo'")
-        count = os.path.getsize(path) // 8
-    return torch.from_file(path, shared=True, size=count, dtype=torch.int64)
+    """int64 words of a shared file: a new file of ``count`` words, or the whole existing file (checked first)."""
+    if count is not None:
+        return torch.from_file(path, shared=True, size=count, dtype=torch.int64)
+    with _own_file(path) as (fd, size):
+        return torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=size // 8, dtype=torch.int64)
 
 
 def create_shared_buffer(schema: WeightSchema, run_id: str, index: int) -> WireBuffer:
@@ -199,15 +201,39 @@ def create_shared_buffer(schema: WeightSchema, run_id: str, index: int) -> WireB
 
 
 def open_shared_buffer(path: str, schema: WeightSchema) -> WireBuffer:
-    """Map the sender's shared-memory wire buffer at ``path``."""
-    if not os.path.exists(path) or os.path.getsize(path) != schema.layout.nbytes:
-        raise ChannelError(f"shared-memory file {path} is missing or has the wrong size; use transport='gloo'")
-    return _map(path, schema)
+    """Map the sender's shared-memory wire buffer at ``path`` (checked to be this user's staging file first)."""
+    nbytes = schema.layout.nbytes
+    with _own_file(path) as (fd, size):
+        if size != nbytes:
+            raise ChannelError(f"shared-memory file {path} holds {size} bytes, not the policy's {nbytes}; use transport='gloo'")
+        storage = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=nbytes, dtype=torch.uint8)  # the inode checked
+    return WireBuffer(schema.layout, storage, path=path)
 
 
 def _map(path: str, schema: WeightSchema) -> WireBuffer:
     nbytes = schema.layout.nbytes
     return WireBuffer(schema.layout, torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8), path=path)
+
+
+@contextlib.contextmanager
+def _own_file(path: str) -> Iterator[tuple[int, int]]:
+    """An open descriptor of ``path`` and its size, once it is shown to be a staging file of this user's alone.
+
+    A sender names its files in a store value: only a file this run could have made is mapped.
+    """
+    if os.path.dirname(path) != shm_dir() or not _STAGING_NAME.fullmatch(os.path.basename(path)):
+        raise ChannelError(f"refusing shared-memory file {path!r}: not a fabric_weightsync staging file")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as err:
+        raise ChannelError(f"shared-memory file {path} cannot be opened ({err.strerror}); use transport='gloo'") from err
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ChannelError(f"refusing shared-memory file {path}: it must be a regular file of this user's that nobody else can open")
+        yield fd, info.st_size
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: str) -> None:
@@ -222,6 +248,7 @@ def shm_dir() -> str:
 
 
 SHM_PREFIX = "fabric_weightsync-"
+_STAGING_NAME = re.compile(rf"{SHM_PREFIX}\d+-[0-9a-f]{{12}}-(\d+|board)")
 
 
 def new_run_id() -> str:

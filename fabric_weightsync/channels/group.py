@@ -18,12 +18,13 @@ last fetches took), so a fetch never blocks longer than the staleness it removes
 import random
 import time
 from datetime import timedelta
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 import fabric_weightsync.protocol as protocol
+from fabric_weightsync.auth import ControlStore, prove_pair
 from fabric_weightsync.channels.base import ChannelError, ChannelTimeout, Endpoint, register
 from fabric_weightsync.protocol import StoreTimeout, await_key, poll_until, worker_keys
 from fabric_weightsync.weights import WeightSchema
@@ -34,16 +35,28 @@ FRESH_S = 0.0005
 the answer, a store round trip away, would be no fresher. Raised to what fetching the newest took lately."""
 
 
-def new_pair_group(store: dist.Store, name: str, group_rank: int, backend: str, timeout: float) -> dist.ProcessGroup:
-    """A standalone two-rank process group on ``store``: outside the default group and the trainers' world."""
-    prefixed = dist.PrefixStore(name, store)
+def new_pair_group(store: Union[ControlStore, dist.Store], name: str, group_rank: int, backend: str, timeout: float) -> dist.ProcessGroup:
+    """A standalone two-rank process group on ``store``: outside the default group and the trainers' world.
+
+    On a store with the run's credentials, the peer has shown it holds the run's secret before this returns
+    (torch's rendezvous alone trusts whatever the store holds).
+    """
+    signed = store if isinstance(store, ControlStore) else None
+    prefixed = dist.PrefixStore(name, store if signed is None else signed.raw)  # torch's rendezvous writes its own values
     if backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, group_rank, 2, timedelta(seconds=timeout))
-    if backend == "nccl":
+        group, device = dist.ProcessGroupGloo(prefixed, group_rank, 2, timedelta(seconds=timeout)), torch.device("cpu")
+    elif backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timedelta(seconds=timeout)
-        return dist.ProcessGroupNCCL(prefixed, group_rank, 2, options)
-    raise ValueError(f"Unsupported backend {backend!r}: use 'gloo' or 'nccl'")
+        group, device = dist.ProcessGroupNCCL(prefixed, group_rank, 2, options), torch.device("cuda", torch.cuda.current_device())
+    else:
+        raise ValueError(f"Unsupported backend {backend!r}: use 'gloo' or 'nccl'")
+    if signed is not None and signed.credentials is not None:
+        try:
+            prove_pair(group, signed.credentials, name, group_rank, device)
+        except RuntimeError as err:
+            raise ChannelError(str(err)) from err
+    return group
 
 
 class _ArmedReceive(NamedTuple):
@@ -215,7 +228,8 @@ class GroupChannel:
         latest_key = self.endpoint.latest_key
         if latest_key is None or time.monotonic() - self._looked_at < max(FRESH_S, self._fetch_s or 0.0):
             return False
-        return int(self.endpoint.store.add(latest_key, 0)) > self._armed.wire.version
+        latest = self.endpoint.store.read(latest_key)
+        return latest is not None and latest.isdigit() and int(latest) > self._armed.wire.version
 
     def _fetch_newest(self) -> None:
         """Drop the superseded update that landed, re-arm, and wait for the newest, which the sender sends once it
@@ -231,7 +245,7 @@ class GroupChannel:
         self._fetch_s = took if self._fetch_s is None else 0.75 * self._fetch_s + 0.25 * took
 
     # ------------------------------------------------------------------ both
-    def wake(self, store: dist.Store) -> None:
+    def wake(self, store: ControlStore) -> None:
         store.set(self._keys.ready, protocol.ABORT)
         store.set(self._keys.ack, protocol.ABORT)
 

@@ -10,9 +10,8 @@ streams big updates): a reader then copies only what the buffer's fill word says
 
 from typing import Callable, Optional
 
-import torch.distributed as dist
-
 import fabric_weightsync.protocol as protocol
+from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.channels.base import ChannelTimeout, Endpoint, host_id, register
 from fabric_weightsync.channels.board import REFUSED_VERSION, SharedStaging
 from fabric_weightsync.protocol import poll_until
@@ -146,7 +145,7 @@ class SharedMemoryChannel:
         return True
 
     # ------------------------------------------------------------------ both
-    def wake(self, store: dist.Store) -> None:
+    def wake(self, store: ControlStore) -> None:
         pass  # every wait here is a poll that checks the abort flag
 
     def close(self) -> None:

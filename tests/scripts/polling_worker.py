@@ -39,7 +39,7 @@ if __name__ == "__main__":
             if not receiver.poll():
                 time.sleep(0.001)
             continue
-        staged_before = ctx.control.store.add(LATEST_KEY, 0)
+        staged_before = int(ctx.control.store.read(LATEST_KEY) or 0)
         applied = receiver.poll()
         polls.append({"staged_before": staged_before, "applied": applied, "version": receiver.version})
         time.sleep(rollout_s)
