@@ -170,13 +170,17 @@ def prove_pair(group: dist.ProcessGroup, credentials: Credentials, name: str, gr
     mine, theirs = proofs[group_rank], proofs[1 - group_rank]
     received = torch.empty(MAC_BYTES, dtype=torch.uint8, device=device)
     sent = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(device)
-    for turn in (0, 1):  # rank 0 speaks first: a stranger learns nothing before it has answered
-        if turn == group_rank:
-            group.send([sent], 1 - group_rank, 0).wait()
-        else:
-            group.recv([received], 1 - group_rank, 0).wait()
-            if not hmac.compare_digest(bytes(received.cpu().tolist()), theirs):
-                raise RuntimeError(f"the peer of process group {name!r} does not hold this run's secret")
+    refused = f"the peer of process group {name!r} does not hold this run's secret"
+    for turn in (0, 1):  # rank 0 proves itself first; rank 1 answers only a peer that did
+        try:
+            if turn == group_rank:
+                group.send([sent], 1 - group_rank, 0).wait()
+            else:
+                group.recv([received], 1 - group_rank, 0).wait()
+        except RuntimeError as err:  # a peer that refused our proof hangs up
+            raise RuntimeError(f"{refused} or refused ours ({err})") from err
+        if turn != group_rank and not hmac.compare_digest(bytes(received.cpu().tolist()), theirs):
+            raise RuntimeError(refused)
 
 
 # ---------------------------------------------------------------------------------------------- the secret

@@ -12,6 +12,7 @@ that no process of its runs survived.
 
 import ast
 import json
+import os
 import re
 import signal
 import sys
@@ -445,9 +446,12 @@ def test_worker_exits_cleanly_with_a_heartbeat_in_flight(control_store, tmp_path
     stopped and joined before the worker process exits."""
     from fabric_weightsync.control import ControlPlane
 
-    control = ControlPlane.serve("127.0.0.1", control_store.port, 30.0)
+    control = ControlPlane.serve("127.0.0.1", control_store.port, 30.0)  # what the workers join
     cmd = [sys.executable, str(SCRIPTS_DIR / "exit_while_beating.py"), str(control_store.port)]
-    runs = [run_processes([cmd], [clean_env()], tmp_path / f"exit{index}", timeout=30) for index in range(5)]
+    try:
+        runs = [run_processes([cmd], [clean_env()], tmp_path / f"exit{index}", timeout=30) for index in range(5)]
+    finally:
+        control.close()
     assert [run.returncode for run in runs] == [0] * 5, [run.stderr[-300:] for run in runs if run.returncode]
     assert not [run.leftovers for run in runs if run.leftovers]
     beats = [int(run.stdout.split("BEATS ")[1].split()[0]) for run in runs]
@@ -687,16 +691,18 @@ def test_wait_for_update_returns_false_on_timeout(control_store, transport):
     """``WeightReceiver.wait_for_update(0.2)`` with nothing pushed returns False after about 0.2 s, then True
     once a version is pushed (a real scheme and worker context on a real store, in one process)."""
     from fabric_weightsync import WeightSyncScheme, WorkerContext
+    from fabric_weightsync.auth import Credentials, new_run_id
     from fabric_weightsync.control import ControlPlane
 
-    plane = ControlPlane("127.0.0.1", control_store.port, timeout=10.0, server=control_store)
+    credentials = Credentials(os.urandom(32), new_run_id())
+    plane = ControlPlane("127.0.0.1", control_store.port, credentials, timeout=10.0, server=control_store)
     trainer_policy = small_policy(0)
     scheme = WeightSyncScheme(plane, 1, transport=transport, timeout=10.0)
     scheme.start(trainer_policy)
     try:
         ctx = WorkerContext(
             worker_id=0, num_workers=1, global_rank=1, local_rank=1, node_rank=0, device=torch.device("cpu"),
-            control=ControlPlane("127.0.0.1", control_store.port, timeout=10.0), timeout=10.0,
+            control=ControlPlane("127.0.0.1", control_store.port, credentials, timeout=10.0), timeout=10.0,
         )  # fmt: skip
         policy = small_policy(1)
         rx = ctx.connect(policy)

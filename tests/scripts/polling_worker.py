@@ -32,7 +32,8 @@ if __name__ == "__main__":
         worker_id=worker_id, num_workers=num_workers, global_rank=worker_id + 1, local_rank=worker_id + 1,
         node_rank=0, device=torch.device("cpu"), control=ControlPlane.join("127.0.0.1", boot_port, 30.0), timeout=30.0,
     )
-    receiver = ctx.connect(make_policy())
+    policy = make_policy()
+    receiver = ctx.connect(policy)
     polls = []
     while not ctx.stop_requested:
         if rollout_s is None:
@@ -46,3 +47,6 @@ if __name__ == "__main__":
     if rollout_s is not None:
         with open(sys.argv[5], "w") as f:
             json.dump(polls, f)
+    receiver.poll()
+    weights = {name: value.tolist() for name, value in policy.state_dict().items()}
+    print(f"FINAL {json.dumps({'version': receiver.version, 'weights': weights})}", flush=True)
