@@ -299,9 +299,9 @@ def test_schema_mismatch_timeout_and_rank_without_workers(tmp_path: Path) -> Non
     assert message is not None and "Training rank 1 has no inference workers" in message and "i % 2" in message
 
 
-def train_until_worker_fails(fabric: Fabric, out_dir: str) -> None:
+def train_until_worker_fails(fabric: Fabric, out_dir: str, **stream_kwargs: Any) -> None:
     setup_model(fabric)
-    stream = fabric.strategy.experience()
+    stream = fabric.strategy.experience(**stream_kwargs)
     record: dict[str, Any] = {}
     try:
         stream.get(10, timeout=30)
@@ -326,6 +326,22 @@ def test_worker_failure_reaches_the_waiting_trainer(tmp_path: Path) -> None:
     error = read_json(tmp_path / "rank0.json")["error"]
     assert error is not None and error.startswith("WorkerFailedError")
     assert "injected failure in worker 0" in error
+
+
+@pytest.mark.timeout(60)
+def test_batches_over_max_batch_bytes_are_refused_before_any_buffer(tmp_path: Path) -> None:
+    """The training rank checks a worker's declared batch size before allocating for it, and the refusal names the
+    worker, the size and the setting on both sides."""
+    launch(
+        train_until_worker_fails,
+        functools.partial(streaming_worker, out_dir=str(tmp_path), limit=1),
+        devices=1,
+        workers=1,
+        out_dir=str(tmp_path),
+        max_batch_bytes=100,
+    )  # the training function took the failure (WorkerFailedError is raised once per failure)
+    error = read_json(tmp_path / "rank0.json")["error"]
+    assert error is not None and "worker 0 declares batches of" in error and "max_batch_bytes=100" in error, error
 
 
 def train_across_reconnect(fabric: Fabric, out_dir: str) -> None:

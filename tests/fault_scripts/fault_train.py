@@ -287,7 +287,7 @@ def sample(fabric: Fabric, step: int) -> None:
     store = fabric.strategy.control_plane().store
     emit(
         "SAMPLE", step=step, rss=psutil.Process().memory_info().rss, fds=fd_count(), threads=threading.active_count(),
-        keys=store.num_keys(), objects=len(gc.get_objects()),
+        keys=store.raw.num_keys(), objects=len(gc.get_objects()),
     )  # fmt: skip
 
 
