@@ -108,15 +108,9 @@ class ControlStore:
         if not self.raw.check([key]):
             return None
         try:
-            stored = self.raw.get(key)
+            return self._open(key, self.raw.get(key))
         except dist.DistStoreError:  # deleted between the two calls
             return None
-        if self.credentials is None:
-            return stored
-        value = self.credentials.open(key, stored)
-        if value is None:
-            refuse(key)
-        return value
 
     def check(self, keys: Iterable[str]) -> bool:
         """Whether every key holds a value signed for this run."""
@@ -124,14 +118,9 @@ class ControlStore:
 
     def get(self, key: str) -> bytes:
         """The key's signed value, waiting up to the timeout for one; raises ``DistStoreError`` naming the key."""
-        self.wait([key])
-        value = self.read(key)
-        if value is None:  # overwritten with a forgery after the wait saw a good value
-            self.wait([key])
-            value = self.read(key)
-        if value is None:
-            raise dist.DistStoreError(f"store key {key!r} holds no value signed by this run")
-        return value
+        deadline = time.monotonic() + self._timeout
+        value = self._open(key, self.raw.get(key))  # one round trip when the value is good, as a bare get
+        return value if value is not None else self._await([key], deadline)[key]
 
     def wait(self, keys: Iterable[str], timeout: Optional[timedelta] = None) -> None:
         """Wait until every key holds a signed value; raises ``DistStoreError`` naming the keys that do not."""
@@ -139,13 +128,26 @@ class ControlStore:
         seconds = self._timeout if timeout is None else timeout.total_seconds()
         deadline = time.monotonic() + seconds
         self.raw.wait(keys, timedelta(seconds=seconds))  # blocks in the server until they exist: no polling
+        self._await(keys, deadline)
+
+    def _await(self, keys: list, deadline: float) -> dict:
+        """The keys' signed values, looking again while a forgery sits in one, until ``deadline``."""
         while True:
-            missing = [key for key in keys if self.read(key) is None]
+            values = {key: self.read(key) for key in keys}
+            missing = [key for key, value in values.items() if value is None]
             if not missing:
-                return
+                return values
             if time.monotonic() >= deadline:
-                raise dist.DistStoreError(f"store keys {missing} hold no value signed by this run after {seconds:.1f}s")
-            time.sleep(_RECHECK_S)  # a forgery sits there: only a new write by the real peer ends the wait
+                raise dist.DistStoreError(f"store keys {missing} hold no value signed by this run")
+            time.sleep(_RECHECK_S)  # only a new write by the real peer can end this wait
+
+    def _open(self, key: str, stored: bytes) -> Optional[bytes]:
+        if self.credentials is None:
+            return stored
+        value = self.credentials.open(key, stored)
+        if value is None:
+            refuse(key)
+        return value
 
     def delete_key(self, key: str) -> bool:
         return self.raw.delete_key(key)

@@ -203,22 +203,22 @@ def test_a_wait_ends_when_the_real_value_replaces_a_forgery():
     assert store.get("k") == b"real"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_a_pair_group_peer_without_the_secret_is_refused():
     """torch's rendezvous trusts the store; the proof after it does not: both ends of a mismatched pair refuse."""
-    raw, store = signed_pair(timeout=10.0)
+    raw, store = signed_pair(timeout=60.0)  # the stranger's start (imports) may take long on a loaded machine
     code = (
         "import sys, datetime, torch.distributed as dist\n"
         "from fabric_weightsync.auth import ControlStore, Credentials\n"
         "from fabric_weightsync.channels import new_pair_group\n"
         f"raw = dist.TCPStore('127.0.0.1', {raw.port}, is_master=False, timeout=datetime.timedelta(seconds=30))\n"
-        f"store = ControlStore(raw, Credentials(b'x' * 32, {store.credentials.run_id!r}), 10.0)\n"
-        "try:\n    new_pair_group(store, 'pair', 1, 'gloo', 10.0)\nexcept Exception as err:\n    print('REFUSED', err)\n"
+        f"store = ControlStore(raw, Credentials(b'x' * 32, {store.credentials.run_id!r}), 60.0)\n"
+        "try:\n    new_pair_group(store, 'pair', 1, 'gloo', 60.0)\nexcept Exception as err:\n    print('REFUSED', err)\n"
     )
     stranger = subprocess.Popen([sys.executable, "-c", code], env=clean_env(), stdout=subprocess.PIPE, text=True)
     with pytest.raises(ChannelError, match="does not hold this run's secret"):
-        new_pair_group(store, "pair", 0, "gloo", 10.0)
-    out, _ = stranger.communicate(timeout=50)
+        new_pair_group(store, "pair", 0, "gloo", 60.0)
+    out, _ = stranger.communicate(timeout=60)
     assert "REFUSED" in out and "does not hold this run's secret" in out, out
 
 
