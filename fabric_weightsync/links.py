@@ -28,7 +28,10 @@ TransportFactory = Callable[[WorkerStatus, int], DistributedTransport]
 
 
 class Links:
-    """One link thread per worker plus the doorbell; :meth:`announce` after every push.
+    """A link thread per worker that needs one, plus the doorbell; :meth:`announce` after every push.
+
+    A worker that takes updates off the shared-memory board by itself needs no thread once connected: its link
+    parks the connection and ends, and a new link starts for the worker if it fails (to take its reconnection).
 
     Args:
         staging: the double buffer the links send from.
@@ -51,13 +54,15 @@ class Links:
         """Workers served over a process group: a push may have to reach the latest-version key for them."""
         self.idle_group_links = 0
         """Of those, links waiting for a newer version: their workers hold no update a push could supersede."""
-        self._links = [_WorkerLink(self, status) for status in health.workers]
+        self._links = [_WorkerLink(self, status, 0) for status in health.workers]
+        self._parked: dict[int, tuple[DistributedTransport, int]] = {}
+        """Connections of workers that serve themselves, with their number, while they live (no thread serves them)."""
         self._doorbell = _Doorbell(self)
         health.on_failed = self.stopper
 
     @property
     def threads(self) -> list[threading.Thread]:
-        """The link threads, worker by worker."""
+        """The link threads, worker by worker (a parked connection's has ended)."""
         return list(self._links)
 
     def sent_version(self, worker_id: int) -> int:
@@ -77,15 +82,36 @@ class Links:
 
     def stopper(self, worker_id: int) -> Callable[[], None]:
         """What wakes worker ``worker_id``'s link from the connection it serves now, and only from that one: once
-        woken, the link may already be opening the next connection, which this must not abort."""
+        woken, the link may already be opening the next connection, which this must not abort. A parked
+        connection is closed instead, and a new link waits for the worker's next one. Called under the lock."""
+        parked = self._parked.pop(worker_id, None)
+        if parked is not None:
+            return functools.partial(self._unpark, worker_id, *parked)
         link = self._links[worker_id]
         return functools.partial(link.abort, link.transport)
+
+    def park(self, status: WorkerStatus, transport: DistributedTransport, epoch: int) -> bool:
+        """Keep a self-served worker's connection without a thread; ``False`` if it failed or closing began."""
+        with self.staging.pushed:
+            if self.closing or not status.alive:
+                return False
+            self._parked[status.worker_id] = (transport, epoch)
+            return True
+
+    def _unpark(self, worker_id: int, transport: DistributedTransport, epoch: int) -> None:
+        transport.close()
+        if not self.closing:
+            link = self._links[worker_id] = _WorkerLink(self, self._links[worker_id].status, epoch + 1)
+            link.start()
 
     def close(self) -> None:
         """Stop every link and the doorbell."""
         with self.staging.pushed:
             self.closing = True
             self.staging.pushed.notify_all()
+            parked, self._parked = list(self._parked.values()), {}
+        for transport, _ in parked:
+            transport.close()
         self._doorbell.stop()
         for link in self._links:
             link.abort()
@@ -111,11 +137,6 @@ class Links:
                 self.idle_group_links -= over_group
             return not self.closing and status.alive
 
-    def wait_while_served(self, status: WorkerStatus) -> None:
-        """Until closing or ``status``'s worker fails (both notify: no polling)."""
-        with self.staging.pushed:
-            self.staging.pushed.wait_for(lambda: self.closing or not status.alive)
-
     def serving_over_group(self, joined: bool) -> None:
         with self.staging.pushed:
             self.group_workers += 1 if joined else -1
@@ -133,10 +154,12 @@ class Links:
 class _WorkerLink(threading.Thread):
     """Serves one worker: connect, deliver the newest staged version whenever it is ready, and re-admit it."""
 
-    def __init__(self, links: Links, status: WorkerStatus) -> None:
+    def __init__(self, links: Links, status: WorkerStatus, epoch: int) -> None:
         super().__init__(name=f"fws-link-{status.worker_id}", daemon=True)
         self.links = links
         self.status = status
+        self.epoch = epoch
+        """The number of the worker's connection this link serves first."""
         self.transport: Optional[DistributedTransport] = None
 
     def abort(self, transport: Optional[DistributedTransport] = None) -> None:
@@ -150,33 +173,37 @@ class _WorkerLink(threading.Thread):
             pass
 
     def run(self) -> None:
-        epoch = 0
+        epoch = self.epoch
         while not self.links.closing:
             transport = self.transport = self.links.transport_for(self.status, epoch)
+            parked = False
             try:
-                self._serve(transport)
+                parked = self._serve(transport) and self.links.park(self.status, transport, epoch)
             except TransportAborted:
                 pass
             except (SchemaMismatchError, TransportError) as err:
                 if not self.links.closing:
                     self.links.health.failed(self.status.worker_id, str(err))
             finally:
-                transport.close()
+                if not parked:
+                    transport.close()
+            if parked:
+                return
             epoch += 1
 
-    def _serve(self, transport: DistributedTransport) -> None:
+    def _serve(self, transport: DistributedTransport) -> bool:
+        """Serve one connection of the worker; ``True`` when the worker takes updates by itself from now on."""
         links, staging = self.links, self.links.staging
         poll_until(lambda: links.closing or transport.check_connection(), None, max_pause=protocol.SLOW_POLL_S)
         if links.closing:
-            return
+            return False
         links.health.joined(self.status)
         with staging.pin_latest() as wire:
             transport.setup_connection_and_weights_on_sender(wire)
             version = wire.version
         links.health.delivered(self.status, version)
         if transport.applied_row is not None:
-            self._serve_self_served(transport)
-            return
+            return self._serve_self_served(transport)
         staging.exempt(self.status.rank)
         links.serving_over_group(True)
         try:
@@ -184,17 +211,18 @@ class _WorkerLink(threading.Thread):
                 self._deliver(transport)
         finally:
             links.serving_over_group(False)
+        return False
 
-    def _serve_self_served(self, transport: DistributedTransport) -> None:
-        """The worker takes each update off the board by itself; this link only stamps checksums."""
+    def _serve_self_served(self, transport: DistributedTransport) -> bool:
+        """The worker takes each update off the board by itself; this link stays only to stamp checksums."""
         links, staging = self.links, self.links.staging
         self.status.applied_row = transport.applied_row
         if not staging.checksum:
-            links.wait_while_served(self.status)
-            return
+            return True
         published = self.status.delivered_version
         while links.wait_for_newer(self.status, published):
             published = staging.publish_latest()
+        return False
 
     def _deliver(self, transport: DistributedTransport) -> None:
         # A busy worker is fine and an armed one answers when it next polls: wait as long as it lives.

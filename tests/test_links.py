@@ -33,14 +33,17 @@ def start_workers(count: int, boot_port: int, *rollout: str) -> list[subprocess.
 
 
 @contextlib.contextmanager
-def serving(workers: int, *rollout: str) -> Iterator[tuple[ControlPlane, WeightSyncScheme, torch.nn.Module, list[subprocess.Popen]]]:
-    """Rank 0's scheme over gloo with ``workers`` polling_worker.py processes connected; stopped on the way out."""
+def serving(
+    workers: int, *rollout: str, transport: str = "gloo"
+) -> Iterator[tuple[ControlPlane, WeightSyncScheme, torch.nn.Module, list[subprocess.Popen]]]:
+    """Rank 0's scheme (over gloo by default) with ``workers`` polling_worker.py processes connected; stopped on the
+    way out."""
     bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     procs = start_workers(workers, bootstrap.port, *rollout)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
     # These workers beat no heartbeat (no run_worker around them): the monitor must not evict them meanwhile.
-    scheme = WeightSyncScheme(control, workers, transport="gloo", heartbeat_timeout=600)
+    scheme = WeightSyncScheme(control, workers, transport=transport, heartbeat_timeout=600)
     try:
         scheme.start(model)
         assert scheme.flush(60), "the workers never connected"
@@ -138,3 +141,14 @@ def test_newest_version_reaches_the_store_only_while_a_worker_holds_an_unanswere
             assert scheme.flush(20) and scheme.workers[0].delivered_version == 7
         finally:
             os.kill(procs[0].pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(90)
+def test_workers_that_serve_themselves_need_no_thread() -> None:
+    """Shared-memory workers take updates off the board: once they are connected no link thread is left for them,
+    and pushes still reach them."""
+    with serving(3, transport="shm") as (control, scheme, model, procs):
+        wait_until(lambda: not any(link.is_alive() for link in scheme.links.threads), 10, "every link thread ended")
+        for version in (1, 2, 3):
+            scheme.push(version)
+        wait_until(lambda: all(w.delivered_version == 3 for w in scheme.workers), 30, "every worker applied version 3")
