@@ -56,8 +56,9 @@ class WeightSyncStrategy(DDPStrategy):
     the count from ``FABRIC_WEIGHTSYNC_INFERENCE_WORKERS``.
 
     Args:
-        worker_fn: what each worker runs; a ``"module:function"`` string is imported. Must be picklable
-            (module level) with ``start_method="spawn"``.
+        worker_fn: what each worker runs; a ``"module:function"`` string is imported. Give it arguments with
+            ``functools.partial(fn, args=...)``. Must be picklable (module level, and so must a partial's arguments)
+            with ``start_method="spawn"``.
         inference_workers: worker processes per node.
         transport: data plane of the weights: ``"auto"`` (default: shared memory for workers on training rank 0's
             host, gloo for the others), ``"shm"``, ``"gloo"`` (forced, any host) or ``"nccl"`` (CUDA, one GPU
@@ -190,7 +191,8 @@ class WeightSyncStrategy(DDPStrategy):
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).
 
         Created on first call with ``kwargs`` (``capacity``, ``max_staleness``, ``timeout``); later calls return
-        the same stream.
+        the same stream. ``capacity`` (batches held on this rank, default two per worker of the rank) bounds the
+        memory and how far workers get ahead before they block in ``ctx.send``.
         """
         if self._experience is None:
             layout = self.layout

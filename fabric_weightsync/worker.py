@@ -7,9 +7,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
+from lightning.fabric.utilities.seed import seed_everything
 from tensordict import TensorDictBase
 from torch import nn
 
@@ -36,6 +37,9 @@ LATE_REPORT_TIMEOUT_S = 2.0
 
 UPDATE_WAIT_SLICE_S = 0.1
 """``wait_for_update`` waits in slices this long, so it notices the end of training."""
+
+WORKER_SEED_STRIDE = 1000
+"""Worker ``i``'s seed is ``base_seed + WORKER_SEED_STRIDE * (i + 1)`` (:meth:`WorkerContext.seed_everything`)."""
 
 
 class WeightReceiver:
@@ -178,12 +182,13 @@ class WorkerContext:
         self._receiver = WeightReceiver(policy, strategy or WeightStrategy(), self, flatten_weights)
         return self._receiver
 
-    def send(self, batch: TensorDictBase, *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
+    def send(self, batch: Union[TensorDictBase, Mapping[str, Any]], *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
         """Send a batch of experience to this worker's training rank (``worker_id % num_training_ranks``).
 
-        ``version`` defaults to the version of the policy applied now (``connect`` must have been called).
-        Blocks while that rank's queue is full; returns ``False`` if training stopped before the batch could be
-        delivered (see :class:`~fabric_weightsync.experience_sender.ExperienceSender`).
+        ``batch``: a ``TensorDict``, or a dict of tensors (nested dicts allowed), which arrives as a ``TensorDict``
+        with ``batch_size=[]``. ``version`` defaults to the version of the policy applied now (``connect`` must
+        have been called). Blocks while that rank's queue is full; returns ``False`` if training stopped before the
+        batch could be delivered (see :class:`~fabric_weightsync.experience_sender.ExperienceSender`).
         """
         if self._sender is None:
             self._sender = ExperienceSender(
@@ -199,6 +204,14 @@ class WorkerContext:
                 raise RuntimeError("ctx.send() needs the policy version: call ctx.connect(policy) first or pass version=")
             version = self._receiver.version
         return self._sender.send(batch, version=version, timeout=self.timeout if timeout is None else timeout)
+
+    def seed_everything(self, base_seed: int) -> int:
+        """Seed Python's ``random``, numpy and torch in this worker; returns the seed, ``base_seed + 1000 * (worker_id + 1)``.
+
+        Distinct for every worker and the same in every run, and apart from the ``base_seed + global_rank`` that
+        training ranks usually take (``fabric.seed_everything(seed + fabric.global_rank)``).
+        """
+        return seed_everything(base_seed + WORKER_SEED_STRIDE * (self.worker_id + 1), verbose=False)
 
     @property
     def stop_requested(self) -> bool:
