@@ -126,7 +126,9 @@ class WeightSyncStrategy(DDPStrategy):
         self._shut_down = False
         self._exit_hooked = False
         self.policy_version = 0
-        """Optimizer steps taken so far on this training rank (kept by :class:`WeightSyncCallback`)."""
+        """The version of the weights on this training rank: steps of the trigger optimizer (counted by
+        :class:`WeightSyncCallback`), plus one for each :meth:`push` that came without a step since the previous push."""
+        self._pushed_version = 0
 
     @property
     def layout(self) -> ProcessLayout:
@@ -186,6 +188,23 @@ class WeightSyncStrategy(DDPStrategy):
             if self._scheme.module is not None:
                 raise RuntimeError("sync_module() must be called before the first fabric.setup() of a module")
             self._scheme.start(module)
+
+    def push(self) -> int:
+        """Push the synced module's current weights to every worker as a new version; returns the version.
+
+        Call it on every training rank (the same code runs everywhere): rank 0 stages the weights, one copy and no
+        wait on any worker, the others only count the version. The version is :attr:`policy_version`, made one
+        more than the last push's if no optimizer step came since, so it always grows. With
+        ``WeightSyncCallback(every_n_steps=None)`` (or no callback) these are the only pushes during training, e.g.
+        one at the end of each update of an on-policy (lockstep) loop. Raises
+        :class:`~fabric_weightsync.health.WorkerFailedError` for a failed worker under ``on_worker_failure="raise"``.
+        """
+        version = self.policy_version = self._pushed_version = max(self.policy_version, self._pushed_version + 1)
+        if self._scheme is not None:
+            if self._scheme.module is None:
+                raise RuntimeError("push() needs the synced module: call fabric.setup(module) first")
+            self._scheme.push(version)
+        return version
 
     def experience(self, **kwargs: Any) -> ExperienceStream:
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).

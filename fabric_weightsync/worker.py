@@ -115,6 +115,29 @@ class WeightReceiver:
             finally:
                 self._receiving.release()
 
+    def wait_for_version(self, version: int, timeout: float) -> bool:
+        """Block until the applied weights are ``version`` or newer (``True``); ``False`` once training ended first.
+
+        The worker's half of an on-policy (lockstep) loop: collect with version ``v``, ``ctx.send`` the rollout, then
+        ``wait_for_version(v + 1, timeout)`` for the trainer's next push (``fabric.strategy.push()``). Training
+        rank 0 delivers its last version before it ends training, so ``False`` means no newer one is coming.
+
+        Raises ``TimeoutError`` naming this worker and ``version`` after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while self.version < version:
+            if self._context.stop_requested:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"Worker {self._context.worker_id}: waited {timeout:g}s for policy version {version}, still at"
+                    f" version {self.version}: the trainer pushes a version with fabric.strategy.push() (or"
+                    " WeightSyncCallback); pass a larger timeout if an update takes longer"
+                )
+            self.wait_for_update(min(remaining, UPDATE_WAIT_SLICE_S))
+        return True
+
     def _receive(self, timeout: float) -> bool:
         self._rejoin_if_evicted()
         try:
