@@ -22,6 +22,7 @@ from fabric_weightsync.environment import ProcessLayout, TrainingWorldEnvironmen
 from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import FAILURE_POLICIES, FailurePolicy, WorkerFailedError
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
+from fabric_weightsync.messages import MessagePublisher
 from fabric_weightsync.protocol import worker_keys
 from fabric_weightsync.scheme import TRANSPORTS, WeightSyncScheme, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
@@ -123,6 +124,7 @@ class WeightSyncStrategy(DDPStrategy):
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
         self._experience: Optional[ExperienceStream] = None
+        self._publisher: Optional[MessagePublisher] = None
         self._shut_down = False
         self._exit_hooked = False
         self.policy_version = 0
@@ -205,6 +207,20 @@ class WeightSyncStrategy(DDPStrategy):
                 raise RuntimeError("push() needs the synced module: call fabric.setup(module) first")
             self._scheme.push(version)
         return version
+
+    def publish(self, **values: Any) -> None:
+        """Send ``values`` to every worker, where ``ctx.messages`` returns the newest value of each key published.
+
+        Latest wins per key, e.g. ``fabric.strategy.publish(budget_reached=True, epsilon=0.1)``. Values are ``None``,
+        bools, ints, floats, strings and small tensors (see :mod:`~fabric_weightsync.messages` for the limits);
+        anything else raises naming its key, on every training rank. Rank 0's values are the ones workers see, so
+        the same code may run on every rank. Costs rank 0 one store write.
+        """
+        if self._publisher is None:
+            if self.global_rank == 0 and self._control is None:
+                raise RuntimeError("publish() works once fabric.launch() has run")
+            self._publisher = MessagePublisher(self._control.store if self.global_rank == 0 else None)
+        self._publisher.publish(values)
 
     def experience(self, **kwargs: Any) -> ExperienceStream:
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).

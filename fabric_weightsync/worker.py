@@ -17,6 +17,7 @@ from torch import nn
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout
 from fabric_weightsync.experience_sender import ExperienceSender
+from fabric_weightsync.messages import MessageReader
 from fabric_weightsync.protocol import STOP_KEY, TrainingEnded, worker_keys
 from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import WeightStrategy
@@ -183,6 +184,7 @@ class WorkerContext:
         self.evicted = False
         self._receiver: Optional[WeightReceiver] = None
         self._sender: Optional[ExperienceSender] = None
+        self._messages: Optional[MessageReader] = None
 
     @property
     def rank(self) -> int:
@@ -227,6 +229,15 @@ class WorkerContext:
                 raise RuntimeError("ctx.send() needs the policy version: call ctx.connect(policy) first or pass version=")
             version = self._receiver.version
         return self._sender.send(batch, version=version, timeout=self.timeout if timeout is None else timeout)
+
+    @property
+    def messages(self) -> dict[str, Any]:
+        """The newest value of every key training rank 0 published (``fabric.strategy.publish(...)``), ``{}`` before
+        the first; tensors come back as tensors. Each read costs one store round trip (one small ``get``), as
+        :attr:`stop_requested` does: read it once per rollout, e.g. right after ``receiver.poll()``."""
+        if self._messages is None:
+            self._messages = MessageReader(self.control.store, self.worker_id)
+        return self._messages.read()
 
     def seed_everything(self, base_seed: int) -> int:
         """Seed Python's ``random``, numpy and torch in this worker; returns the seed, ``base_seed + 1000 * (worker_id + 1)``.
