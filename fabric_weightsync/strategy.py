@@ -30,6 +30,8 @@ from fabric_weightsync.worker import WorkerContext, WorkerSpec
 
 WorkerFn = Callable[[WorkerContext], Any]
 
+log = logging.getLogger(__name__)
+
 EXPERIENCE_CLOSE_S = 2.0
 """Seconds a training rank gives its experience receivers to finish at shutdown."""
 
@@ -76,6 +78,13 @@ class WeightSyncStrategy(DDPStrategy):
             push is a single copy (the ``Parameter`` objects stay the same; see
             :class:`~fabric_weightsync.flat.FlatWeights`). Turn it off if something relies on the weights'
             memory addresses (a numpy view, a CUDA graph captured before ``fabric.setup``).
+        wait_for_workers: training rank 0's ``fabric.setup`` of the synced module returns only once every worker
+            holds the initial weights or is gone (failed or finished), so training starts with its workers (the
+            other training ranks wait for rank 0 in their first collective). ``False``: training starts at once
+            and workers join whenever they are ready.
+        ready_timeout: seconds that wait may take (default: ``sync_timeout``); then ``on_worker_failure="raise"``
+            raises ``TimeoutError`` naming each missing worker and how far it got, ``"continue"`` logs it and
+            starts without them.
         **ddp_kwargs: everything :class:`~lightning.fabric.strategies.DDPStrategy` accepts.
     """
 
@@ -92,6 +101,8 @@ class WeightSyncStrategy(DDPStrategy):
         shutdown_timeout: float = 60.0,
         checksum: bool = False,
         flatten_weights: bool = True,
+        wait_for_workers: bool = True,
+        ready_timeout: Optional[float] = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
@@ -120,6 +131,8 @@ class WeightSyncStrategy(DDPStrategy):
         self.shutdown_timeout = shutdown_timeout
         self.checksum = checksum
         self.flatten_weights = flatten_weights
+        self.wait_for_workers = wait_for_workers
+        self.ready_timeout = sync_timeout if ready_timeout is None else ready_timeout
         self.crash = TrainingCrash()
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
@@ -181,7 +194,7 @@ class WeightSyncStrategy(DDPStrategy):
     def setup_module(self, module: nn.Module) -> nn.Module:
         wrapped = super().setup_module(module)
         if self._scheme is not None and self._scheme.module is None:
-            self._scheme.start(module)
+            self._serve(module)
         return wrapped
 
     def sync_module(self, module: nn.Module) -> None:
@@ -189,7 +202,7 @@ class WeightSyncStrategy(DDPStrategy):
         if self._scheme is not None and self._scheme.module is not module:
             if self._scheme.module is not None:
                 raise RuntimeError("sync_module() must be called before the first fabric.setup() of a module")
-            self._scheme.start(module)
+            self._serve(module)
 
     def push(self) -> int:
         """Push the synced module's current weights to every worker as a new version; returns the version.
@@ -221,6 +234,23 @@ class WeightSyncStrategy(DDPStrategy):
                 raise RuntimeError("publish() works once fabric.launch() has run")
             self._publisher = MessagePublisher(self._control.store if self.global_rank == 0 else None)
         self._publisher.publish(values)
+
+    def _serve(self, module: nn.Module) -> None:
+        """Rank 0: serve ``module``, and wait for the workers to hold it unless told not to."""
+        self._scheme.start(module)
+        if not self.wait_for_workers:
+            return
+        missing = self._scheme.wait_until_ready(self.ready_timeout)
+        if not missing:
+            return
+        named = "; ".join(f"worker {status.worker_id}: {status.progress()}" for status in missing)
+        message = (
+            f"Inference workers not ready {self.ready_timeout:g}s after training rank 0 set up the synced module ({named})."
+            " Pass a larger ready_timeout to WeightSyncStrategy, or wait_for_workers=False to start training without them"
+        )
+        if self.on_worker_failure == "raise":
+            raise TimeoutError(message)
+        log.warning("fabric_weightsync: %s; training starts now, they are served when they connect", message)
 
     def experience(self, **kwargs: Any) -> ExperienceStream:
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).
