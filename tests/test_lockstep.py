@@ -4,6 +4,9 @@ and workers that wait for them (``receiver.wait_for_version``). Real fork launch
 
 import functools
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,12 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
+from conftest import REPO_ROOT, clean_env
 from fabric_weightsync import WeightSyncCallback
 
 STEPS_PER_UPDATE = 5
 UPDATES = 4
+EXAMPLE = REPO_ROOT / "examples" / "lockstep_ppo.py"
 
 
 def make_policy() -> nn.Module:
@@ -100,3 +105,35 @@ def test_every_n_steps_none_or_a_positive_integer() -> None:
         with pytest.raises(ValueError, match="every_n_steps must be an integer of at least 1, or None"):
             WeightSyncCallback(every_n_steps=bad)
 
+
+# ---------------------------------------------------------------------------------------------------- the example
+def run_example(out_dir: Path, *args: str, timeout: float) -> dict:
+    cmd = [sys.executable, str(EXAMPLE), "--out-dir", str(out_dir), "--logger", "csv", "--progress", "false", *args]
+    result = subprocess.run(cmd, env=clean_env(), cwd=out_dir, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    (path,) = out_dir.glob("lockstep_ppo/version_*/result.json")
+    return {"result": json.loads(path.read_text()), "stdout": result.stdout}
+
+
+@pytest.mark.timeout(120)
+def test_lockstep_example_collects_every_rollout_with_the_version_before_it(tmp_path: Path) -> None:
+    """A tiny budget: 12 updates of 2 workers x 8 envs x 32 steps."""
+    run = run_example(tmp_path, "--total-timesteps", str(12 * 2 * 8 * 32), "--plot", "false", timeout=110)
+    result = run["result"]
+    assert result["updates"] == 12 and result["rollouts"] == 24, result
+    assert result["off_policy_rollouts"] == 0, f"lockstep broke: {result}"
+    assert result["policy_version"] == 12 * 4 * 4, "versions count optimizer steps: 4 epochs x 4 minibatches per update"
+    summary = next(tmp_path.glob("lockstep_ppo/version_*/summary.txt")).read_text()
+    for needle in ("env steps", "steps/s", "0 of the 24 rollouts"):
+        assert needle in summary, summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_lockstep_example_solves_cartpole(tmp_path: Path) -> None:
+    run = run_example(tmp_path, timeout=590)
+    match = re.search(r"^solved: .* at (\d+) env steps, ([\d.]+)s wall time", run["stdout"], re.MULTILINE)
+    assert match, f"never solved:\n{run['stdout'][-4000:]}"
+    print(f"solved at {match.group(1)} env steps, {match.group(2)}s wall time from process start")
+    assert run["result"]["off_policy_rollouts"] == 0
