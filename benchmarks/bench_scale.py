@@ -109,7 +109,7 @@ def main() -> None:
             print(rows[-1][:4], flush=True)
     lines = provenance() + [
         "",
-        f"One training rank and W shared-memory workers forked from it (2 cores here: W = 64 is 32x oversubscribed);",
+        "One training rank and W shared-memory workers forked from it (2 cores here: W = 64 is 32x oversubscribed);",
         f"{args.pushes} pushes per case, workers polling between {args.rollout_s * 1e3:g} ms rollouts. Medians.",
         "",
         "| policy | W | connect (s) | push stall (ms) | stall / W=1 | push -> applied on the last worker (ms) | exit |",

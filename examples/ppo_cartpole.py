@@ -16,6 +16,7 @@ PNG and a summary under ``--out-dir``.
 
 import argparse
 import functools
+import json
 import math
 import os
 import time
@@ -39,7 +40,9 @@ def arg(default: Any, help: str) -> Any:
 
 
 @dataclass
-class Args:
+class PPOArgs:
+    """The knobs of PPO on workers, asynchronous or not (examples/lockstep_ppo.py shares them)."""
+
     exp_name: str = arg("ppo_cartpole", "name of this run (output subfolder)")
     seed: int = arg(1, "seed of the trainer; worker i uses seed + 1000 * (i + 1)")
     env_id: str = arg("CartPole-v1", "gymnasium environment id")
@@ -51,7 +54,6 @@ class Args:
     num_steps: int = arg(32, "steps per environment in one rollout (one batch sent to the trainer)")
     total_timesteps: int = arg(500_000, "env-step budget (steps consumed by the trainer)")
     env_latency_ms: float = arg(0.0, "extra sleep per env step, in ms, to emulate a slow simulator")
-    batches_per_update: int = arg(0, "rollouts per PPO update on each training rank (0: one per worker of the rank)")
     learning_rate: float = arg(2.5e-3, "Adam learning rate")
     anneal_lr: bool = arg(True, "anneal the learning rate linearly to 0 over total_timesteps")
     gamma: float = arg(0.99, "discount factor")
@@ -67,8 +69,6 @@ class Args:
     target_kl: Optional[float] = arg(None, "stop an update's epochs early above this approx KL")
     recompute_values: bool = arg(True, "recompute values with the current critic for GAE (fresher than the workers')")
     hidden_size: int = arg(64, "hidden units of the actor and critic MLPs")
-    capacity: int = arg(0, "rollouts a training rank buffers at most; workers block beyond (0: one per worker)")
-    max_staleness: int = arg(-1, "drop rollouts more than this many policy versions old (-1: keep all)")
     solve_return: float = arg(475.0, "mean episodic return that counts as solved")
     solve_window: int = arg(20, "episodes averaged for the solve check")
     stop_on_solve: bool = arg(True, "stop training once solved")
@@ -78,9 +78,17 @@ class Args:
     plot: bool = arg(True, "save a learning-curve PNG at the end")
 
 
-def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
+@dataclass
+class Args(PPOArgs):
+    batches_per_update: int = arg(0, "rollouts per PPO update on each training rank (0: one per worker of the rank)")
+    capacity: int = arg(0, "rollouts a training rank buffers at most; workers block beyond (0: one per worker)")
+    max_staleness: int = arg(-1, "drop rollouts more than this many policy versions old (-1: keep all)")
+
+
+def parse_args(cls: type = Args, description: str = __doc__) -> Any:
+    """``cls`` (a dataclass of ``arg`` fields) from the command line; ``--help`` lists every field."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(cls):
         default = f.default if f.default is not MISSING else None
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
@@ -88,7 +96,7 @@ def parse_args() -> Args:
         else:
             kind = float if f.name == "target_kl" else type(default)
             parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
-    return Args(**vars(parser.parse_args()))
+    return cls(**vars(parser.parse_args()))
 
 
 def _to_bool(text: str) -> bool:
@@ -179,28 +187,25 @@ def make_env(env_id: str, latency_ms: float) -> Any:
     return thunk
 
 
-def worker_main(ctx: WorkerContext, args: Args) -> None:
-    """One inference worker: poll for the newest policy, collect a rollout, tag it with its version, send it."""
-    torch.set_num_threads(1)
-    seed = args.seed + 1000 * (ctx.worker_id + 1)
-    torch.manual_seed(seed)
-    # SAME_STEP autoreset: the obs after a terminal step is the next episode's first, as CleanRL's GAE expects.
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, args.env_latency_ms) for _ in range(args.num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    obs_dim, num_actions = env_spaces(args.env_id)
-    agent = Agent(obs_dim, num_actions, args.hidden_size)
-    rx = ctx.connect(agent)
-    T, N = args.num_steps, args.num_envs
-    next_obs = torch.as_tensor(envs.reset(seed=seed)[0], dtype=torch.float32)
-    next_done = torch.zeros(N, dtype=torch.bool)
-    running_return = np.zeros(N)
-    while not ctx.stop_requested:
-        rx.poll()
-        version = rx.version
+class RolloutCollector:
+    """A worker's vectorized environments, and what carries over from one rollout to the next."""
+
+    def __init__(self, args: PPOArgs, agent: Agent, seed: int) -> None:
+        self.args, self.agent = args, agent
+        # SAME_STEP autoreset: the obs after a terminal step is the next episode's first, as CleanRL's GAE expects.
+        self.envs = gym.vector.SyncVectorEnv(
+            [make_env(args.env_id, args.env_latency_ms) for _ in range(args.num_envs)],
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        )
+        self.next_obs = torch.as_tensor(self.envs.reset(seed=seed)[0], dtype=torch.float32)
+        self.next_done = torch.zeros(args.num_envs, dtype=torch.bool)
+        self.running_return = np.zeros(args.num_envs)
+
+    def collect(self) -> TensorDict:
+        """One rollout of ``num_steps`` steps in every environment with the agent as it is now."""
+        T, N = self.args.num_steps, self.args.num_envs
         rollout = {
-            "obs": torch.empty(T, N, obs_dim),
+            "obs": torch.empty(T, N, self.next_obs.shape[-1]),
             "actions": torch.empty(T, N, dtype=torch.int64),
             "logprobs": torch.empty(T, N),
             "rewards": torch.empty(T, N),
@@ -210,29 +215,44 @@ def worker_main(ctx: WorkerContext, args: Args) -> None:
             "episode_end": torch.zeros(T, N, dtype=torch.bool),
         }
         for t in range(T):
-            rollout["obs"][t] = next_obs
-            rollout["dones"][t] = next_done
-            action, logprob, value = agent.act(next_obs)
-            obs, reward, terminated, truncated, _ = envs.step(action.numpy())
+            rollout["obs"][t] = self.next_obs
+            rollout["dones"][t] = self.next_done
+            action, logprob, value = self.agent.act(self.next_obs)
+            obs, reward, terminated, truncated, _ = self.envs.step(action.numpy())
             done = np.logical_or(terminated, truncated)
-            running_return += reward
+            self.running_return += reward
             rollout["actions"][t], rollout["logprobs"][t], rollout["values"][t] = action, logprob, value
             rollout["rewards"][t] = torch.from_numpy(reward)
             if done.any():
                 rollout["episode_end"][t] = torch.from_numpy(done)
-                rollout["episode_return"][t] = torch.from_numpy(np.where(done, running_return, 0.0))
-                running_return[done] = 0.0
-            next_obs = torch.as_tensor(obs, dtype=torch.float32)
-            next_done = torch.from_numpy(done)
+                rollout["episode_return"][t] = torch.from_numpy(np.where(done, self.running_return, 0.0))
+                self.running_return[done] = 0.0
+            self.next_obs = torch.as_tensor(obs, dtype=torch.float32)
+            self.next_done = torch.from_numpy(done)
         # The bootstrap state rides along: the trainer values it with its own, newer critic.
-        batch = TensorDict({**rollout, "next_obs": next_obs, "next_done": next_done}, batch_size=[])
-        if not ctx.send(batch, version=version):
+        return TensorDict({**rollout, "next_obs": self.next_obs, "next_done": self.next_done}, batch_size=[])
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+def worker_main(ctx: WorkerContext, args: Args) -> None:
+    """One inference worker: poll for the newest policy, collect a rollout, tag it with its version, send it."""
+    torch.set_num_threads(1)
+    seed = ctx.seed_everything(args.seed)  # args.seed + 1000 * (worker_id + 1)
+    agent = Agent(*env_spaces(args.env_id), args.hidden_size)
+    rx = ctx.connect(agent)
+    collector = RolloutCollector(args, agent, seed)
+    while not ctx.stop_requested:
+        rx.poll()
+        version = rx.version
+        if not ctx.send(collector.collect(), version=version):
             break  # training is over
-    envs.close()
+    collector.close()
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
-def make_logger(args: Args) -> Any:
+def make_logger(args: PPOArgs) -> Any:
     from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 
     if args.logger in ("auto", "tensorboard"):
@@ -244,7 +264,7 @@ def make_logger(args: Args) -> Any:
     return CSVLogger(root_dir=args.out_dir, name=args.exp_name, flush_logs_every_n_steps=20)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor, next_done: torch.Tensor, args: Args) -> torch.Tensor:
+def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor, next_done: torch.Tensor, args: PPOArgs) -> torch.Tensor:
     """CleanRL's GAE over time-major [T, N] tensors; ``dones[t]`` marks obs[t] as the first of a new episode."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
@@ -277,7 +297,7 @@ def train(fabric: Fabric, args: Args) -> dict:
     steps_per_batch = args.num_steps * args.num_envs
     steps_per_update = per_update * steps_per_batch * fabric.world_size
 
-    progress = _progress(fabric, args)
+    progress = progress_bar(fabric, args)
     recent: deque[float] = deque(maxlen=args.solve_window)
     curve: list[tuple[int, float]] = []
     lags: list[int] = []
@@ -286,19 +306,17 @@ def train(fabric: Fabric, args: Args) -> dict:
         batches = stream.get(per_update)
         lag = [strategy.policy_version - b.version for b in batches]
         lags.extend(lag)
-        # Rollouts are [T, N, ...] and bootstrap states [N, ...]: join workers' envs side by side.
-        data = {key: torch.cat([b.data[key] for b in batches], dim=0 if key.startswith("next_") else 1) for key in batches[0].data.keys()}
+        data = merge_rollouts(batches)
         global_step += steps_per_update
-        for ret, end in zip(data["episode_return"].T, data["episode_end"].T):  # per env, in time order
-            for value in ret[end].tolist():
-                recent.append(value)
-                curve.append((global_step, value))
+        for value in episode_returns(data):
+            recent.append(value)
+            curve.append((global_step, value))
 
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = args.learning_rate * max(0.0, 1.0 - (global_step - steps_per_update) / args.total_timesteps)
         metrics = ppo_update(fabric, agent, optimizer, data, args)
 
-        mean_return = _mean_recent(fabric, recent, args.solve_window)
+        mean_return = mean_recent(fabric, recent, args.solve_window)
         elapsed = time.time() - train_start
         sps = global_step / max(elapsed, 1e-9)
         metrics.update({
@@ -313,7 +331,7 @@ def train(fabric: Fabric, args: Args) -> dict:
         if solved_at is None and not math.isnan(mean_return) and mean_return >= args.solve_return:
             solved_at = (global_step, time.time() - PROCESS_START)
             if fabric.is_global_zero:
-                _print(progress, f"solved: mean episodic return {mean_return:.1f} over the last {args.solve_window} episodes"
+                say(progress, f"solved: mean episodic return {mean_return:.1f} over the last {args.solve_window} episodes"
                        f" at {global_step} env steps, {solved_at[1]:.1f}s wall time from process start")  # fmt: skip
             if args.stop_on_solve:
                 break
@@ -331,16 +349,26 @@ def train(fabric: Fabric, args: Args) -> dict:
         "mean_version_lag": float(np.mean(lags)) if lags else 0.0,
         "max_version_lag": int(max(lags)) if lags else 0,
         "stale_dropped": stream.dropped,
-        "final_mean_return": _mean_recent(fabric, recent, args.solve_window),
+        "final_mean_return": mean_recent(fabric, recent, args.solve_window),
         "episodes": len(curve),
         "policy_version": strategy.policy_version,
     }
     if fabric.is_global_zero:
-        _finish(fabric, args, result, curve)
+        finish(fabric, args, result, _summary(fabric, args, result), curve)
     return result
 
 
-def ppo_update(fabric: Fabric, agent: nn.Module, optimizer: torch.optim.Optimizer, data: dict, args: Args) -> dict:
+def merge_rollouts(batches: list) -> dict:
+    """Rollouts are [T, N, ...] and bootstrap states [N, ...]: join the workers' envs side by side."""
+    return {key: torch.cat([b.data[key] for b in batches], dim=0 if key.startswith("next_") else 1) for key in batches[0].data.keys()}
+
+
+def episode_returns(data: dict) -> list[float]:
+    """Returns of the episodes that ended in merged rollouts, env by env, in time order."""
+    return [value for ret, end in zip(data["episode_return"].T, data["episode_end"].T) for value in ret[end].tolist()]
+
+
+def ppo_update(fabric: Fabric, agent: nn.Module, optimizer: torch.optim.Optimizer, data: dict, args: PPOArgs) -> dict:
     """CleanRL's PPO update on one batch of rollouts; the ratio is against the behaviour policy's log-probs."""
     obs, actions = data["obs"], data["actions"]
     T, N = actions.shape
@@ -398,7 +426,7 @@ def ppo_update(fabric: Fabric, agent: nn.Module, optimizer: torch.optim.Optimize
     }  # fmt: skip
 
 
-def _mean_recent(fabric: Fabric, recent: deque, window: int) -> float:
+def mean_recent(fabric: Fabric, recent: deque, window: int) -> float:
     """Mean of the last ``window`` episodes; with several training ranks, of every rank's last ``window``."""
     if fabric.world_size == 1:
         return float(np.mean(recent)) if len(recent) >= window else float("nan")
@@ -410,7 +438,8 @@ def _mean_recent(fabric: Fabric, recent: deque, window: int) -> float:
     return float(gathered.mean()) if gathered.numel() >= window else float("nan")
 
 
-def _progress(fabric: Fabric, args: Args) -> Any:
+def progress_bar(fabric: Fabric, args: PPOArgs) -> Any:
+    """A tqdm bar over the env-step budget on rank 0 (``None`` elsewhere, or with ``--progress false``)."""
     if not (args.progress and fabric.is_global_zero):
         return None
     from tqdm import tqdm
@@ -418,46 +447,54 @@ def _progress(fabric: Fabric, args: Args) -> Any:
     return tqdm(total=args.total_timesteps, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=0.5)
 
 
-def _print(progress: Any, text: str) -> None:
+def say(progress: Any, text: str) -> None:
+    """Print ``text`` above the progress bar, if there is one."""
     if progress is not None:
         progress.write(text)
     else:
         print(text, flush=True)
 
 
-def _finish(fabric: Fabric, args: Args, result: dict, curve: list[tuple[int, float]]) -> None:
-    """Learning-curve PNG and a one-paragraph summary, next to the metrics."""
+def solve_outcome(args: PPOArgs, result: dict) -> str:
+    """Whether and when the run solved the task, as a summary says it."""
+    if result["solved"]:
+        return (
+            f"solved it (mean return >= {args.solve_return:.0f} over {args.solve_window} episodes) after"
+            f" {result['solve_steps']:,} env steps, {result['solve_wall_s']:.1f}s of wall time from process start"
+        )
+    return (
+        f"did not reach a mean return of {args.solve_return:.0f} within {result['steps']:,} env steps"
+        f" (last mean {result['final_mean_return']:.1f})"
+    )
+
+
+def finish(fabric: Fabric, args: PPOArgs, result: dict, summary: str, curve: list[tuple[int, float]]) -> None:
+    """Next to the metrics: ``summary`` (also printed), ``result`` as JSON and the learning-curve PNG."""
     for logger in fabric.loggers:
         logger.finalize("success")
     run_dir = Path(fabric.logger.log_dir) if fabric.loggers else Path(args.out_dir, args.exp_name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    workers = args.inference_workers * fabric.strategy.num_nodes
-    if result["solved"]:
-        outcome = (
-            f"solved it (mean return >= {args.solve_return:.0f} over {args.solve_window} episodes) after"
-            f" {result['solve_steps']:,} env steps, {result['solve_wall_s']:.1f}s of wall time from process start"
-        )
-    else:
-        outcome = (
-            f"did not reach a mean return of {args.solve_return:.0f} within {result['steps']:,} env steps"
-            f" (last mean {result['final_mean_return']:.1f})"
-        )
-    summary = (
-        f"PPO on {args.env_id} with {fabric.world_size} training rank(s) and {workers} inference worker(s) x"
-        f" {args.num_envs} envs {outcome}. It consumed {result['steps']:,} env steps in {result['train_s']:.1f}s of"
-        f" training ({result['sps']:,.0f} steps/s) over {result['policy_version']} optimizer steps, with a mean policy"
-        f" version lag of {result['mean_version_lag']:.1f} (max {result['max_version_lag']}) between the policy that"
-        f" collected a rollout and the one that learned from it; {result['stale_dropped']} rollouts were dropped as"
-        f" stale; env latency {args.env_latency_ms:g} ms/step."
-    )
     (run_dir / "summary.txt").write_text(summary + "\n")
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(summary, flush=True)
     if args.plot and curve:
         path = _plot(curve, args, run_dir / "learning_curve.png")
         print(f"learning curve: {path}", flush=True)
 
 
-def _plot(curve: list[tuple[int, float]], args: Args, path: Path) -> Path:
+def _summary(fabric: Fabric, args: Args, result: dict) -> str:
+    workers = args.inference_workers * fabric.strategy.num_nodes
+    return (
+        f"PPO on {args.env_id} with {fabric.world_size} training rank(s) and {workers} inference worker(s) x"
+        f" {args.num_envs} envs {solve_outcome(args, result)}. It consumed {result['steps']:,} env steps in"
+        f" {result['train_s']:.1f}s of training ({result['sps']:,.0f} steps/s) over {result['policy_version']} optimizer"
+        f" steps, with a mean policy version lag of {result['mean_version_lag']:.1f} (max {result['max_version_lag']})"
+        f" between the policy that collected a rollout and the one that learned from it; {result['stale_dropped']}"
+        f" rollouts were dropped as stale; env latency {args.env_latency_ms:g} ms/step."
+    )
+
+
+def _plot(curve: list[tuple[int, float]], args: PPOArgs, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -472,7 +509,7 @@ def _plot(curve: list[tuple[int, float]], args: Args, path: Path) -> Path:
     ax.axhline(args.solve_return, color="gray", linestyle="--", linewidth=1, label="solved")
     ax.set_xlabel("env steps")
     ax.set_ylabel("episodic return")
-    ax.set_title(f"PPO {args.env_id}, {args.inference_workers} async workers")
+    ax.set_title(f"{args.exp_name}: PPO {args.env_id}, {args.inference_workers} workers")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -11,21 +11,24 @@ from fabric_weightsync.strategy import WeightSyncStrategy
 class WeightSyncCallback:
     """Pushes the synced module's weights to every inference worker after optimizer steps.
 
-    Fabric calls :meth:`on_after_optimizer_step` after every ``optimizer.step()``. On training rank 0 it
-    stages the weights (one copy, no waiting on any worker) as version = number of steps of the trigger
-    optimizer; other ranks do nothing. The run's end (``fabric.call("on_train_end")``, or automatically when
-    the training code finishes) delivers the last version to every live worker.
+    Fabric calls :meth:`on_after_optimizer_step` after every ``optimizer.step()``. Each step of the trigger
+    optimizer adds one to the version (:attr:`WeightSyncStrategy.policy_version`); every ``every_n_steps``-th,
+    training rank 0 stages the weights (one copy, no waiting on any worker). The run's end
+    (``fabric.call("on_train_end")``, or automatically when the training code finishes) delivers the last version to
+    every live worker.
 
     Args:
         every_n_steps: push every n-th step of the trigger optimizer; the final version is always delivered.
+            ``None``: never after a step, only when the training code calls ``fabric.strategy.push()``, e.g. once
+            per update of an on-policy (lockstep) loop, whose workers then never collect with a half-updated policy.
         optimizer: the optimizer whose steps count and trigger pushes (raw or as returned by
             ``fabric.setup``; or set :attr:`trigger_optimizer` later). Default: the first optimizer that steps,
             so with several optimizers (e.g. actor and critic) there is still one push per training step.
     """
 
-    def __init__(self, every_n_steps: int = 1, optimizer: Optional[Optimizer] = None) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+    def __init__(self, every_n_steps: Optional[int] = 1, optimizer: Optional[Optimizer] = None) -> None:
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be an integer of at least 1, or None (push only on push()), got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.step = 0
         self._trigger = _unwrap(optimizer) if optimizer is not None else None
@@ -50,20 +53,21 @@ class WeightSyncCallback:
         if optimizer is not self._trigger:
             return
         self.step += 1
-        strategy.policy_version = self.step
+        strategy.policy_version += 1
         scheme = strategy.scheme
-        if scheme is None or scheme.module is None:
-            return
-        if self.step % self.every_n_steps == 0:
-            scheme.push(self.step)
-        else:
-            scheme.note(self.step)
+        if scheme is not None and scheme.module is None:
+            return  # nothing is synced yet
+        if self.every_n_steps is not None and self.step % self.every_n_steps == 0:
+            strategy.push()
+        elif scheme is not None:
+            scheme.note(strategy.policy_version)
 
     def on_train_end(self, *args: Any, **kwargs: Any) -> None:
         """Deliver the last version now (also done automatically when training ends)."""
-        scheme = self._strategy.scheme if self._strategy is not None else None
+        strategy = self._strategy
+        scheme = strategy.scheme if strategy is not None else None
         if scheme is not None and scheme.module is not None:
-            scheme.note(self.step)
+            scheme.note(strategy.policy_version)
             scheme.flush()
 
 

@@ -8,10 +8,10 @@ keeps applying weight updates meanwhile, and returns ``False`` once training sto
 
 import time
 from datetime import timedelta
-from typing import Callable
+from typing import Any, Callable, Mapping, Union
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 import fabric_weightsync.protocol as protocol
 from fabric_weightsync.auth import ControlStore
@@ -58,16 +58,20 @@ class ExperienceSender:
         self._over = False
         self.sent = 0
 
-    def send(self, batch: TensorDictBase, *, version: int, timeout: float) -> bool:
+    def send(self, batch: Union[TensorDictBase, Mapping[str, Any]], *, version: int, timeout: float) -> bool:
         """Send ``batch`` (collected with policy ``version``) as one message; block while the trainer has no room.
+
+        A dict of tensors is sent as ``TensorDict(batch, batch_size=[])``.
 
         Returns ``True`` once the batch has been handed to the training rank, ``False`` when training stopped
         first (the batch is then dropped: end the worker loop). Raises :class:`ExperienceSchemaError` (nothing
         sent) when the batch's layout differs from this worker's first batch, and :class:`ExperienceTimeout` after
         ``timeout`` seconds without room.
         """
+        if isinstance(batch, Mapping) and not isinstance(batch, TensorDictBase):
+            batch = TensorDict(dict(batch), batch_size=[])
         if not isinstance(batch, TensorDictBase):
-            raise TypeError(f"ctx.send() takes a TensorDict, got {type(batch).__name__}")
+            raise TypeError(f"ctx.send() takes a TensorDict or a dict of tensors, got {type(batch).__name__}")
         if self._failed is not None:
             raise ExperienceError(f"Worker {self.worker_id}: the experience path failed earlier: {self._failed}")
         if self._over:

@@ -57,7 +57,9 @@ class ExperienceStream:
         on_worker_failure: ``"raise"``: a failed worker raises :class:`WorkerFailedError` from the next take;
             ``"continue"``: it is logged.
         sync_timeout: seconds for each group operation.
-        capacity: batches this rank holds at most, received or being received (default: 2 per worker).
+        capacity: batches this rank holds at most, waiting to be taken or arriving; memory for experience stays at
+            ``capacity`` x the batch size. Default: two per worker of this rank, so each worker can have one batch
+            waiting to be taken while it sends the next; a worker that gets further ahead blocks in ``ctx.send``.
         max_staleness: drop batches collected with a policy more than this many versions older than
             ``policy_version()`` (counted in :attr:`dropped`); ``None`` keeps every batch.
         timeout: default seconds :meth:`get` and ``next()`` wait before raising :class:`ExperienceTimeout`;

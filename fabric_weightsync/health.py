@@ -42,6 +42,14 @@ class WorkerStatus:
     def rank(self) -> int:
         return self.worker_id + 1
 
+    def progress(self) -> str:
+        """How far a worker that does not hold the initial weights yet got, for an error that names it."""
+        if self.connected:
+            return "connecting: its policy is being checked or its initial weights are on the way"
+        if self.beat:
+            return "running, but it has not called ctx.connect(policy) yet"
+        return "no sign of its process yet (not started, still importing, or it cannot reach training rank 0)"
+
     @property
     def delivered_version(self) -> int:
         """Newest version this worker has applied, as far as rank 0 knows (-1: none since it (re)connected)."""

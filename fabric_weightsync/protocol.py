@@ -21,6 +21,9 @@ ENDED_KEY = "fabric_weightsync/ended"
 """In the rendezvous store: training rank 0 has shut down, so a worker that starts now has nothing to join."""
 LATEST_KEY = "fws/latest"
 """The newest version training rank 0 has staged, kept while a worker served over a group holds an unanswered update."""
+MESSAGES_KEY = "fws/messages"
+"""Training rank 0's messages to the workers: one JSON object of every value published, rewritten whole by each publish
+(see :mod:`~fabric_weightsync.messages`)."""
 
 INSTRUCTION = b"update_weights"
 """An update waits for the worker (group channel, receive not armed)."""

@@ -155,6 +155,14 @@ class WeightSyncScheme:
                 sleep=self._acked.wait,
             )
 
+    def wait_until_ready(self, timeout: float) -> list[WorkerStatus]:
+        """Wait until every worker holds the initial weights or is gone (failed, or finished), up to ``timeout``
+        seconds; returns the workers that are neither (a failure is left to the failure policy, as after a push)."""
+        unready = lambda: [w for w in self.workers if w.alive and w.delivered_version < 0]  # noqa: E731
+        with self._acked:  # connects and failures notify it
+            poll_until(lambda: not unready(), timeout, max_pause=protocol.SLOW_POLL_S, sleep=self._acked.wait)
+            return unready()
+
     def raise_if_failed(self) -> None:
         self.health.raise_if_failed()
 

@@ -22,12 +22,15 @@ from fabric_weightsync.environment import ProcessLayout, TrainingWorldEnvironmen
 from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import FAILURE_POLICIES, FailurePolicy, WorkerFailedError
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
+from fabric_weightsync.messages import MessagePublisher
 from fabric_weightsync.protocol import worker_keys
 from fabric_weightsync.scheme import TRANSPORTS, WeightSyncScheme, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
 from fabric_weightsync.worker import WorkerContext, WorkerSpec
 
 WorkerFn = Callable[[WorkerContext], Any]
+
+log = logging.getLogger(__name__)
 
 EXPERIENCE_CLOSE_S = 2.0
 """Seconds a training rank gives its experience receivers to finish at shutdown."""
@@ -56,8 +59,9 @@ class WeightSyncStrategy(DDPStrategy):
     the count from ``FABRIC_WEIGHTSYNC_INFERENCE_WORKERS``.
 
     Args:
-        worker_fn: what each worker runs; a ``"module:function"`` string is imported. Must be picklable
-            (module level) with ``start_method="spawn"``.
+        worker_fn: what each worker runs; a ``"module:function"`` string is imported. Give it arguments with
+            ``functools.partial(fn, args=...)``. Must be picklable (module level, and so must a partial's arguments)
+            with ``start_method="spawn"``.
         inference_workers: worker processes per node.
         transport: data plane of the weights: ``"auto"`` (default: shared memory for workers on training rank 0's
             host, gloo for the others), ``"shm"``, ``"gloo"`` (forced, any host) or ``"nccl"`` (CUDA, one GPU
@@ -74,6 +78,13 @@ class WeightSyncStrategy(DDPStrategy):
             push is a single copy (the ``Parameter`` objects stay the same; see
             :class:`~fabric_weightsync.flat.FlatWeights`). Turn it off if something relies on the weights'
             memory addresses (a numpy view, a CUDA graph captured before ``fabric.setup``).
+        wait_for_workers: training rank 0's ``fabric.setup`` of the synced module returns only once every worker
+            holds the initial weights or is gone (failed or finished), so training starts with its workers (the
+            other training ranks wait for rank 0 in their first collective). ``False``: training starts at once
+            and workers join whenever they are ready.
+        ready_timeout: seconds that wait may take (default: ``sync_timeout``); then ``on_worker_failure="raise"``
+            raises ``TimeoutError`` naming each missing worker and how far it got, ``"continue"`` logs it and
+            starts without them.
         **ddp_kwargs: everything :class:`~lightning.fabric.strategies.DDPStrategy` accepts.
     """
 
@@ -90,6 +101,8 @@ class WeightSyncStrategy(DDPStrategy):
         shutdown_timeout: float = 60.0,
         checksum: bool = False,
         flatten_weights: bool = True,
+        wait_for_workers: bool = True,
+        ready_timeout: Optional[float] = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
@@ -118,14 +131,19 @@ class WeightSyncStrategy(DDPStrategy):
         self.shutdown_timeout = shutdown_timeout
         self.checksum = checksum
         self.flatten_weights = flatten_weights
+        self.wait_for_workers = wait_for_workers
+        self.ready_timeout = sync_timeout if ready_timeout is None else ready_timeout
         self.crash = TrainingCrash()
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
         self._experience: Optional[ExperienceStream] = None
+        self._publisher: Optional[MessagePublisher] = None
         self._shut_down = False
         self._exit_hooked = False
         self.policy_version = 0
-        """Optimizer steps taken so far on this training rank (kept by :class:`WeightSyncCallback`)."""
+        """The version of the weights on this training rank: steps of the trigger optimizer (counted by
+        :class:`WeightSyncCallback`), plus one for each :meth:`push` that came without a step since the previous push."""
+        self._pushed_version = 0
 
     @property
     def layout(self) -> ProcessLayout:
@@ -176,7 +194,7 @@ class WeightSyncStrategy(DDPStrategy):
     def setup_module(self, module: nn.Module) -> nn.Module:
         wrapped = super().setup_module(module)
         if self._scheme is not None and self._scheme.module is None:
-            self._scheme.start(module)
+            self._serve(module)
         return wrapped
 
     def sync_module(self, module: nn.Module) -> None:
@@ -184,13 +202,62 @@ class WeightSyncStrategy(DDPStrategy):
         if self._scheme is not None and self._scheme.module is not module:
             if self._scheme.module is not None:
                 raise RuntimeError("sync_module() must be called before the first fabric.setup() of a module")
-            self._scheme.start(module)
+            self._serve(module)
+
+    def push(self) -> int:
+        """Push the synced module's current weights to every worker as a new version; returns the version.
+
+        Call it on every training rank (the same code runs everywhere): rank 0 stages the weights, one copy and no
+        wait on any worker, the others only count the version. The version is :attr:`policy_version`, made one
+        more than the last push's if no optimizer step came since, so it always grows. With
+        ``WeightSyncCallback(every_n_steps=None)`` (or no callback) these are the only pushes during training, e.g.
+        one at the end of each update of an on-policy (lockstep) loop. Raises
+        :class:`~fabric_weightsync.health.WorkerFailedError` for a failed worker under ``on_worker_failure="raise"``.
+        """
+        version = self.policy_version = self._pushed_version = max(self.policy_version, self._pushed_version + 1)
+        if self._scheme is not None:
+            if self._scheme.module is None:
+                raise RuntimeError("push() needs the synced module: call fabric.setup(module) first")
+            self._scheme.push(version)
+        return version
+
+    def publish(self, **values: Any) -> None:
+        """Send ``values`` to every worker, where ``ctx.messages`` returns the newest value of each key published.
+
+        Latest wins per key, e.g. ``fabric.strategy.publish(budget_reached=True, epsilon=0.1)``. Values are ``None``,
+        bools, ints, floats, strings and small tensors (see :mod:`~fabric_weightsync.messages` for the limits);
+        anything else raises naming its key, on every training rank. Rank 0's values are the ones workers see, so
+        the same code may run on every rank. Costs rank 0 one store write.
+        """
+        if self._publisher is None:
+            if self.global_rank == 0 and self._control is None:
+                raise RuntimeError("publish() works once fabric.launch() has run")
+            self._publisher = MessagePublisher(self._control.store if self.global_rank == 0 else None)
+        self._publisher.publish(values)
+
+    def _serve(self, module: nn.Module) -> None:
+        """Rank 0: serve ``module``, and wait for the workers to hold it unless told not to."""
+        self._scheme.start(module)
+        if not self.wait_for_workers:
+            return
+        missing = self._scheme.wait_until_ready(self.ready_timeout)
+        if not missing:
+            return
+        named = "; ".join(f"worker {status.worker_id}: {status.progress()}" for status in missing)
+        message = (
+            f"Inference workers not ready {self.ready_timeout:g}s after training rank 0 set up the synced module ({named})."
+            " Pass a larger ready_timeout to WeightSyncStrategy, or wait_for_workers=False to start training without them"
+        )
+        if self.on_worker_failure == "raise":
+            raise TimeoutError(message)
+        log.warning("fabric_weightsync: %s; training starts now, they are served when they connect", message)
 
     def experience(self, **kwargs: Any) -> ExperienceStream:
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).
 
         Created on first call with ``kwargs`` (``capacity``, ``max_staleness``, ``timeout``); later calls return
-        the same stream.
+        the same stream. ``capacity`` (batches held on this rank, default two per worker of the rank) bounds the
+        memory and how far workers get ahead before they block in ``ctx.send``.
         """
         if self._experience is None:
             layout = self.layout

@@ -7,9 +7,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
+from lightning.fabric.utilities.seed import seed_everything
 from tensordict import TensorDictBase
 from torch import nn
 
@@ -17,6 +18,7 @@ from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout
 from fabric_weightsync.experience_sender import ExperienceSender
+from fabric_weightsync.messages import MessageReader
 from fabric_weightsync.protocol import STOP_KEY, TrainingEnded, WorkerKeys, worker_keys
 from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import WeightStrategy
@@ -37,6 +39,9 @@ LATE_REPORT_TIMEOUT_S = 2.0
 
 UPDATE_WAIT_SLICE_S = 0.1
 """``wait_for_update`` waits in slices this long, so it notices the end of training."""
+
+WORKER_SEED_STRIDE = 1000
+"""Worker ``i``'s seed is ``base_seed + WORKER_SEED_STRIDE * (i + 1)`` (:meth:`WorkerContext.seed_everything`)."""
 
 
 class WeightReceiver:
@@ -112,6 +117,29 @@ class WeightReceiver:
             finally:
                 self._receiving.release()
 
+    def wait_for_version(self, version: int, timeout: float) -> bool:
+        """Block until the applied weights are ``version`` or newer (``True``); ``False`` once training ended first.
+
+        The worker's half of an on-policy (lockstep) loop: collect with version ``v``, ``ctx.send`` the rollout, then
+        ``wait_for_version(v + 1, timeout)`` for the trainer's next push (``fabric.strategy.push()``). Training
+        rank 0 delivers its last version before it ends training, so ``False`` means no newer one is coming.
+
+        Raises ``TimeoutError`` naming this worker and ``version`` after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while self.version < version:
+            if self._context.stop_requested:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"Worker {self._context.worker_id}: waited {timeout:g}s for policy version {version}, still at"
+                    f" version {self.version}: the trainer pushes a version with fabric.strategy.push() (or"
+                    " WeightSyncCallback); pass a larger timeout if an update takes longer"
+                )
+            self.wait_for_update(min(remaining, UPDATE_WAIT_SLICE_S))
+        return True
+
     def _receive(self, timeout: float) -> bool:
         self._rejoin_if_evicted()
         try:
@@ -157,6 +185,7 @@ class WorkerContext:
         self.evicted = False
         self._receiver: Optional[WeightReceiver] = None
         self._sender: Optional[ExperienceSender] = None
+        self._messages: Optional[MessageReader] = None
 
     @property
     def rank(self) -> int:
@@ -179,12 +208,13 @@ class WorkerContext:
         self._receiver = WeightReceiver(policy, strategy or WeightStrategy(), self, flatten_weights)
         return self._receiver
 
-    def send(self, batch: TensorDictBase, *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
+    def send(self, batch: Union[TensorDictBase, Mapping[str, Any]], *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
         """Send a batch of experience to this worker's training rank (``worker_id % num_training_ranks``).
 
-        ``version`` defaults to the version of the policy applied now (``connect`` must have been called).
-        Blocks while that rank's queue is full; returns ``False`` if training stopped before the batch could be
-        delivered (see :class:`~fabric_weightsync.experience_sender.ExperienceSender`).
+        ``batch``: a ``TensorDict``, or a dict of tensors (nested dicts allowed), which arrives as a ``TensorDict``
+        with ``batch_size=[]``. ``version`` defaults to the version of the policy applied now (``connect`` must
+        have been called). Blocks while that rank's queue is full; returns ``False`` if training stopped before the
+        batch could be delivered (see :class:`~fabric_weightsync.experience_sender.ExperienceSender`).
         """
         if self._sender is None:
             self._sender = ExperienceSender(
@@ -200,6 +230,23 @@ class WorkerContext:
                 raise RuntimeError("ctx.send() needs the policy version: call ctx.connect(policy) first or pass version=")
             version = self._receiver.version
         return self._sender.send(batch, version=version, timeout=self.timeout if timeout is None else timeout)
+
+    @property
+    def messages(self) -> dict[str, Any]:
+        """The newest value of every key training rank 0 published (``fabric.strategy.publish(...)``), ``{}`` before
+        the first; tensors come back as tensors. Each read costs one store round trip (one small ``get``), as
+        :attr:`stop_requested` does: read it once per rollout, e.g. right after ``receiver.poll()``."""
+        if self._messages is None:
+            self._messages = MessageReader(self.control.store, self.worker_id)
+        return self._messages.read()
+
+    def seed_everything(self, base_seed: int) -> int:
+        """Seed Python's ``random``, numpy and torch in this worker; returns the seed, ``base_seed + 1000 * (worker_id + 1)``.
+
+        Distinct for every worker and the same in every run, and apart from the ``base_seed + global_rank`` that
+        training ranks usually take (``fabric.seed_everything(seed + fabric.global_rank)``).
+        """
+        return seed_everything(base_seed + WORKER_SEED_STRIDE * (self.worker_id + 1), verbose=False)
 
     @property
     def stop_requested(self) -> bool:

@@ -4,6 +4,7 @@ test hosts, processes started and watched while they run, launch runs and leftov
 Every multi-process test here uses real processes on loopback; nothing of torch.distributed or Fabric is mocked.
 """
 
+import gc
 import json
 import os
 import re
@@ -22,6 +23,9 @@ from typing import Callable, Optional
 import psutil
 import pytest
 import torch.distributed as dist
+from lightning.fabric import Fabric
+
+from fabric_weightsync import WeightSyncStrategy
 
 TESTS_DIR = Path(__file__).resolve().parent
 SCRIPTS_DIR = TESTS_DIR / "scripts"
@@ -117,6 +121,26 @@ def store_client(control_store):
     return client
 
 
+# ---------------------------------------------------------------------- a Fabric launch from this process
+@pytest.fixture
+def launch_fabric(monkeypatch):
+    """``launch_fabric(train_fn, worker_fn, *, devices=1, workers=1, callbacks=(), start_method="fork", **strategy_kwargs)``
+    runs one Fabric launch from the test process, with a rendezvous port of its own, and returns training rank 0's
+    result (an exception of the training code is raised here)."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+
+    def launch(train_fn, worker_fn, *, devices=1, workers=1, callbacks=(), start_method="fork", **strategy_kwargs):
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        # Forked children inherit this process's garbage: a store or group a child collects aborts it.
+        gc.collect()
+        strategy_kwargs.setdefault("shutdown_timeout", 30)
+        strategy = WeightSyncStrategy(worker_fn, inference_workers=workers, start_method=start_method, **strategy_kwargs)
+        fabric = Fabric(accelerator="cpu", devices=devices, strategy=strategy, callbacks=list(callbacks))
+        return fabric.launch(train_fn)
+
+    return launch
+
+
 # ---------------------------------------------------------------------- leftover processes
 def tagged_processes(tag: str, variable: str = RUN_TAG_ENV) -> list:
     found = []
@@ -137,15 +161,20 @@ def tagged_processes(tag: str, variable: str = RUN_TAG_ENV) -> list:
 _SESSION_HELPERS = ("from multiprocessing.forkserver import main", "from multiprocessing.resource_tracker import main")
 
 
+def _session_helper(proc: psutil.Process) -> bool:
+    """multiprocessing starts these once per pytest process (a spawn launch from a test starts the resource tracker)
+    and keeps them on purpose until it exits."""
+    try:
+        return proc.ppid() == os.getpid() and any(h in " ".join(proc.cmdline()) for h in _SESSION_HELPERS)
+    except psutil.Error:  # gone meanwhile
+        return False
+
+
 def _live_children(baseline: set) -> list:
     alive = []
-    me = os.getpid()
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.pid in baseline or proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            # multiprocessing starts these once per pytest process and keeps them on purpose until it exits.
-            if proc.ppid() == me and any(h in " ".join(proc.cmdline()) for h in _SESSION_HELPERS):
+            if proc.pid in baseline or proc.status() == psutil.STATUS_ZOMBIE or _session_helper(proc):
                 continue
             alive.append(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -159,7 +188,7 @@ def wait_for_leftovers(
     """Processes of this run still alive after ``grace`` seconds, described; they are killed so the next test is clean."""
     deadline = time.monotonic() + grace
     while True:
-        left = {p.pid: p for p in tagged_processes(tag, variable)}
+        left = {p.pid: p for p in tagged_processes(tag, variable) if not _session_helper(p)}
         if baseline is not None:
             left.update((p.pid, p) for p in _live_children(baseline))
         if not left or time.monotonic() >= deadline:

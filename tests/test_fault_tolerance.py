@@ -234,8 +234,9 @@ def slurm_faults(tmp_path_factory):
     """SLURM-style, so no launcher watches the workers and only heartbeats tell rank 0 anything; raise policy.
 
     Worker 0 SIGKILLs itself right after its connect returned, before its heartbeat thread beat once. Worker 1
-    starts 3 s after rank 0's monitor (a slow import) and connects at once. Worker 2 is SIGKILLed by the test in
-    the middle of a rollout, once rank 0 has trained on for 2.5 s after worker 1 connected; its failure ends the run.
+    starts 3 s after rank 0's monitor (a slow import) and connects at once, training meanwhile (rank 0 does not
+    wait for its workers here). Worker 2 is SIGKILLed by the test in the middle of a rollout, once rank 0 has
+    trained on for 2.5 s after worker 1 connected; its failure ends the run.
     """
     run = FaultRun(tmp_path_factory.mktemp("slurm_faults") / "run")
     try:
@@ -243,6 +244,7 @@ def slurm_faults(tmp_path_factory):
             "--out", run.out_dir, "--workers", 3, "--on-failure", "raise", "--raise-for-worker", 2,
             "--heartbeat-timeout", HEARTBEAT_TIMEOUT, "--until-connected", 1, "--steps", 4000, "--step-sleep", 0.02,
             "--sync-timeout", 10, "--shutdown-timeout", 10, "--behaviour", "0=die_after_connect,1=poll_now,2=every:0.3",
+            "--no-wait-for-workers",
         ]  # fmt: skip
         envs = slurm_envs(base_env(free_port()), 4)
         cmd = [sys.executable, str(SCRIPT), *map(str, args)]

@@ -79,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--raise-for-worker", type=int, default=-1, help="re-raise the WorkerFailedError naming it")
     parser.add_argument("--worker-start-delay", type=float, default=0.0, help="popen workers start this much later")
     parser.add_argument("--until-connected", type=int, default=-1, help="train until this worker connected, then 150 steps")
+    parser.add_argument("--no-wait-for-workers", action="store_true", help="start training before the workers are ready")
     return parser.parse_args()
 
 
@@ -398,6 +399,7 @@ def main() -> None:
         heartbeat_timeout=args.heartbeat_timeout,
         on_worker_failure=args.on_failure,
         shutdown_timeout=args.shutdown_timeout,
+        wait_for_workers=not args.no_wait_for_workers,
     )
     fabric = Fabric(accelerator="cpu", devices=args.devices, strategy=strategy, callbacks=[WeightSyncCallback()])
     fabric.launch()

@@ -29,7 +29,10 @@ def connect_after_the_end(ctx) -> None:
 
 
 def main() -> None:
-    strategy = WeightSyncStrategy(connect_after_the_end, inference_workers=2, sync_timeout=60, shutdown_timeout=30)
+    # Training must not wait for workers that only connect once it is over.
+    strategy = WeightSyncStrategy(
+        connect_after_the_end, inference_workers=2, sync_timeout=60, shutdown_timeout=30, wait_for_workers=False
+    )
     fabric = Fabric(accelerator="cpu", devices=1, strategy=strategy, callbacks=[WeightSyncCallback()])
     fabric.launch()
     model, optimizer = fabric.setup(make_policy(), torch.optim.SGD(make_policy().parameters(), lr=0.1))
