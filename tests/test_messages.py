@@ -17,6 +17,7 @@ from lightning.fabric import Fabric
 from torch import nn
 
 from fabric_weightsync import WeightSyncCallback
+from fabric_weightsync.auth import ControlStore, as_control_store
 from fabric_weightsync.messages import MAX_MESSAGES_BYTES, MAX_STRING_CHARS, MAX_TENSOR_ELEMENTS, MessagePublisher, MessageReader
 from fabric_weightsync.protocol import MESSAGES_KEY, SLOW_POLL_S, poll_until
 
@@ -24,8 +25,13 @@ ROLLOUTS = 3
 
 
 # ---------------------------------------------------------------------------------------------------- values
+
+def unsigned(store: dist.Store) -> ControlStore:
+    """The control store as the library holds it, without a run's credentials (values stay as written)."""
+    return as_control_store(store, 10.0)
+
 def test_values_come_back_as_they_were_published(control_store, store_client) -> None:
-    publisher, reader = MessagePublisher(control_store), MessageReader(store_client(), worker_id=0)
+    publisher, reader = MessagePublisher(unsigned(control_store)), MessageReader(unsigned(store_client()), worker_id=0)
     assert reader.read() == {}, "nothing published yet"
     schedule = torch.arange(6, dtype=torch.float16).reshape(2, 3)
     publisher.publish({"budget_reached": False, "epsilon": 0.1, "phase": "warmup", "seed": 7, "nothing": None, "schedule": schedule})
@@ -50,16 +56,16 @@ def test_values_come_back_as_they_were_published(control_store, store_client) ->
     ],
 )
 def test_a_value_messages_cannot_carry_is_refused_naming_its_key(control_store, store_client, value, error, needle) -> None:
-    publisher = MessagePublisher(control_store)
+    publisher = MessagePublisher(unsigned(control_store))
     publisher.publish({"fine": 1})
     with pytest.raises(error) as raised:
         publisher.publish({"also_fine": 2, "bad": value})
     assert needle in str(raised.value)
-    assert MessageReader(store_client(), 0).read() == {"fine": 1}, "a refused publish publishes nothing"
+    assert MessageReader(unsigned(store_client()), 0).read() == {"fine": 1}, "a refused publish publishes nothing"
 
 
 def test_messages_too_big_together_are_refused_naming_the_keys(control_store) -> None:
-    publisher = MessagePublisher(control_store)
+    publisher = MessagePublisher(unsigned(control_store))
     third = torch.full((MAX_TENSOR_ELEMENTS,), 1 / 3)  # about 20 characters of JSON per element
     publisher.publish({"a": third, "b": third})
     with pytest.raises(ValueError, match=f"with 'c', 'd' the messages take .* bytes of JSON; at most {MAX_MESSAGES_BYTES}"):
@@ -67,8 +73,8 @@ def test_messages_too_big_together_are_refused_naming_the_keys(control_store) ->
 
 
 def test_a_bad_value_in_the_store_is_ignored_with_a_warning(control_store, store_client, caplog) -> None:
-    reader = MessageReader(store_client(), worker_id=3)
-    MessagePublisher(control_store).publish({"epsilon": 0.5})
+    reader = MessageReader(unsigned(store_client()), worker_id=3)
+    MessagePublisher(unsigned(control_store)).publish({"epsilon": 0.5})
     assert reader.read() == {"epsilon": 0.5}
     with caplog.at_level(logging.WARNING, logger="fabric_weightsync.messages"):
         control_store.set(MESSAGES_KEY, b"{not json")
@@ -84,8 +90,8 @@ def test_a_bad_value_in_the_store_is_ignored_with_a_warning(control_store, store
 def test_a_reader_keeps_the_last_values_once_the_store_is_gone() -> None:
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
     client = dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=2))
-    reader = MessageReader(client, worker_id=0)
-    MessagePublisher(server).publish({"phase": "eval"})
+    reader = MessageReader(unsigned(client), worker_id=0)
+    MessagePublisher(unsigned(server)).publish({"phase": "eval"})
     assert reader.read() == {"phase": "eval"}
     del server  # training rank 0 died with its store
     assert reader.read() == {"phase": "eval"}
