@@ -11,6 +11,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
+from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.rank_zero import rank_zero_info
@@ -48,8 +49,10 @@ class WeightSyncStrategy(DDPStrategy):
 
     Launch modes: ``python train.py`` with ``fabric.launch()`` (``start_method="popen"``, the default),
     ``fabric.launch(fn)`` with ``start_method="spawn" | "fork" | "forkserver"``, ``torchrun
-    --nproc-per-node=devices+inference_workers`` and SLURM ``--ntasks-per-node=devices+inference_workers``.
-    On each node, local ranks ``0..devices-1`` train and the rest are workers.
+    --nproc-per-node=devices+inference_workers``, SLURM ``--ntasks-per-node=devices+inference_workers``, and
+    Lightning's CLI ``fabric run --devices=devices`` (no ``fabric.launch()``, as the CLI requires: local rank 0 of
+    each node starts its workers inside ``Fabric(...)``). On each node, local ranks ``0..devices-1`` train and
+    the rest are workers.
 
     Registered in Fabric's strategy registry as ``"ddp_weightsync"`` (and ``"ddp_weightsync_spawn"``); those
     names read the worker function from ``FABRIC_WEIGHTSYNC_WORKER_FN`` (``"package.module:function"``) and
@@ -147,13 +150,15 @@ class WeightSyncStrategy(DDPStrategy):
         assert self.cluster_environment is not None
         if not isinstance(self.cluster_environment, TrainingWorldEnvironment):
             self.cluster_environment = TrainingWorldEnvironment(self.cluster_environment, self.layout)
-        if self._start_method == "popen":
+        if self._start_method == "popen" or _is_using_cli():  # under fabric run, the CLI created the processes
             self._launcher = WeightSyncScriptLauncher(self.cluster_environment, self.worker_spec(), self.shutdown_timeout, self.crash)
         else:
             self._launcher = WeightSyncSpawnLauncher(self, self._start_method, self.worker_spec(), self.shutdown_timeout, self.with_shutdown)
 
     @override
     def setup_environment(self) -> None:
+        if _is_using_cli():  # fabric run: Fabric(...) calls this instead of launching, so workers branch off here
+            self._launcher.start_cli_workers()
         super().setup_environment()
         if self.global_rank == 0:
             self._control = ControlPlane.serve(self._main_address(), self.cluster_environment.main_port, self.sync_timeout)
