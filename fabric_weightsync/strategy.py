@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout, TrainingWorldEnvironment
+from fabric_weightsync.experience import ExperienceRoutes
 from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import FAILURE_POLICIES, FailurePolicy, WorkerFailedError
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
@@ -191,6 +192,13 @@ class WeightSyncStrategy(DDPStrategy):
                 raise RuntimeError("sync_module() must be called before the first fabric.setup() of a module")
             self._scheme.start(module)
 
+    @property
+    def routes(self) -> ExperienceRoutes:
+        """Which training ranks each worker's experience goes to (``routes.workers_of(fabric.global_rank)``: the
+        workers this rank's stream receives from)."""
+        layout = self.layout
+        return ExperienceRoutes(layout.num_workers, layout.devices * layout.num_nodes)
+
     def experience(self, **kwargs: Any) -> ExperienceStream:
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).
 
@@ -198,11 +206,11 @@ class WeightSyncStrategy(DDPStrategy):
         the same stream.
         """
         if self._experience is None:
-            layout = self.layout
+            routes = self.routes
             self._experience = ExperienceStream(
                 rank=self.global_rank,
-                num_training_ranks=layout.devices * layout.num_nodes,
-                num_workers=layout.num_workers,
+                num_training_ranks=routes.num_training_ranks,
+                num_workers=routes.num_workers,
                 open_store=self.control_plane().client,
                 policy_version=lambda: self.policy_version,
                 on_worker_failure=self.on_worker_failure,

@@ -15,6 +15,7 @@ from torch import nn
 
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout
+from fabric_weightsync.experience import ExperienceRoutes
 from fabric_weightsync.experience_sender import ExperienceSender
 from fabric_weightsync.protocol import STOP_KEY, TrainingEnded, worker_keys
 from fabric_weightsync.transport import DistributedTransport, TransportError
@@ -179,7 +180,9 @@ class WorkerContext:
         return self._receiver
 
     def send(self, batch: TensorDictBase, *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
-        """Send a batch of experience to this worker's training rank (``worker_id % num_training_ranks``).
+        """Send a batch of experience to a training rank (see :class:`~fabric_weightsync.experience.ExperienceRoutes`:
+        ``worker_id % num_training_ranks`` with at least as many workers as ranks, else whichever of this worker's
+        ranks has room).
 
         ``version`` defaults to the version of the policy applied now (``connect`` must have been called).
         Blocks while that rank's queue is full; returns ``False`` if training stopped before the batch could be
@@ -188,7 +191,7 @@ class WorkerContext:
         if self._sender is None:
             self._sender = ExperienceSender(
                 self.worker_id,
-                self.worker_id % self.num_training_ranks,
+                ExperienceRoutes(self.num_workers, self.num_training_ranks).ranks_of(self.worker_id),
                 self.control.client(),  # its own client: this one polls while the worker waits
                 self.timeout,
                 stop_requested=lambda: self.stop_requested,
