@@ -13,7 +13,8 @@ class WeightSyncCallback:
 
     Fabric calls :meth:`on_after_optimizer_step` after every ``optimizer.step()``. On training rank 0 it
     stages the weights (one copy, no waiting on any worker) as version = number of steps of the trigger
-    optimizer; other ranks do nothing. The run's end (``fabric.call("on_train_end")``, or automatically when
+    optimizer, and writes the metrics workers logged since (``ctx.log_dict``) to Fabric's loggers; other ranks
+    do nothing. The run's end (``fabric.call("on_train_end")``, or automatically when
     the training code finishes) delivers the last version to every live worker.
 
     Args:
@@ -40,6 +41,11 @@ class WeightSyncCallback:
     def trigger_optimizer(self, optimizer: Optimizer) -> None:
         self._trigger = _unwrap(optimizer)
 
+    def on_after_setup(self, fabric: Any, module: Any) -> None:
+        """Training rank 0 writes what workers log (``ctx.log_dict``) to this Fabric's loggers."""
+        if isinstance(fabric.strategy, WeightSyncStrategy):
+            fabric.strategy.log_worker_metrics_to(fabric.loggers)
+
     def on_after_optimizer_step(self, strategy: Strategy, optimizer: Optimizer) -> None:
         if not isinstance(strategy, WeightSyncStrategy):
             raise TypeError(f"WeightSyncCallback needs Fabric(strategy=WeightSyncStrategy(...)), got {type(strategy).__name__}")
@@ -51,6 +57,7 @@ class WeightSyncCallback:
             return
         self.step += 1
         strategy.policy_version = self.step
+        strategy.forward_worker_logs()
         scheme = strategy.scheme
         if scheme is None or scheme.module is None:
             return
@@ -60,7 +67,10 @@ class WeightSyncCallback:
             scheme.note(self.step)
 
     def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-        """Deliver the last version now (also done automatically when training ends)."""
+        """Deliver the last version now, and write the worker metrics received so far (both also done
+        automatically when training ends)."""
+        if self._strategy is not None:
+            self._strategy.forward_worker_logs()
         scheme = self._strategy.scheme if self._strategy is not None else None
         if scheme is not None and scheme.module is not None:
             scheme.note(self.step)

@@ -109,6 +109,11 @@ def experience_group_name(worker_id: int, rank: int, epoch: int) -> str:
     return f"fws/exp/{worker_id}/{rank}/{epoch}"
 
 
+def worker_log_key(worker_id: int) -> str:
+    """A worker's log mailbox: one chunk of metric records, written by the worker when empty, taken by rank 0."""
+    return f"fws/log/{worker_id}"
+
+
 def read_epoch(store: dist.Store, key: str) -> int:
     """The connection count under ``key`` (0 before the first); a value that is not a count reads as 0, with a
     warning naming the key."""

@@ -6,7 +6,6 @@ import importlib
 import logging
 import os
 import sys
-from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -14,7 +13,7 @@ import torch
 from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -24,10 +23,11 @@ from fabric_weightsync.experience import ExperienceRoutes
 from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import FAILURE_POLICIES, FailurePolicy, WorkerFailedError
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
-from fabric_weightsync.protocol import worker_keys
+from fabric_weightsync.protocol import SLOW_POLL_S, poll_until, worker_keys
 from fabric_weightsync.scheme import TRANSPORTS, WeightSyncScheme, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
 from fabric_weightsync.worker import WorkerContext, WorkerSpec
+from fabric_weightsync.worker_logs import WorkerLogCollector
 
 WorkerFn = Callable[[WorkerContext], Any]
 
@@ -126,6 +126,8 @@ class WeightSyncStrategy(DDPStrategy):
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
         self._experience: Optional[ExperienceStream] = None
+        self._worker_logs: Optional[WorkerLogCollector] = None
+        self._log_sinks: list = []
         self._shut_down = False
         self._exit_hooked = False
         self.policy_version = 0
@@ -219,6 +221,21 @@ class WeightSyncStrategy(DDPStrategy):
             )
         return self._experience
 
+    def log_worker_metrics_to(self, loggers: list) -> None:
+        """On training rank 0, write what workers log (``ctx.log_dict``) to ``loggers``: after each optimizer step
+        (:meth:`forward_worker_logs`) and at the end of training. ``WeightSyncCallback`` passes Fabric's loggers at
+        ``fabric.setup``. Other ranks ignore it."""
+        if self._control is None or self.global_rank != 0:
+            return
+        self._log_sinks = loggers  # Fabric's own list: loggers added to it later are written to too
+        if self._worker_logs is None:
+            self._worker_logs = WorkerLogCollector(self._control.client, self.layout.num_workers)
+
+    def forward_worker_logs(self) -> None:
+        """Write the worker metrics received so far to the loggers (training rank 0; a no-op elsewhere)."""
+        if self._worker_logs is not None:
+            self._worker_logs.forward(self._log_sinks)
+
     def control_plane(self) -> ControlPlane:
         """The control plane: hosted on training rank 0, joined on demand by every other process."""
         if self._control is None:
@@ -258,7 +275,9 @@ class WeightSyncStrategy(DDPStrategy):
                     rank_zero_info("fabric_weightsync: some workers did not take the final version in time")
             scheme.close()
             control.request_stop()
-            _wait_for_exits(control, scheme, self.shutdown_timeout)
+            # Workers deliver their last metrics before they report their exit: keep writing them to make room.
+            _wait_for_exits(control, scheme, self.shutdown_timeout, meanwhile=self.forward_worker_logs)
+            self._close_worker_logs(control)
         # A daemon thread still inside a store call when the interpreter finalizes aborts the process.
         if self._experience is not None:
             self._experience.close(wait=EXPERIENCE_CLOSE_S)
@@ -281,6 +300,18 @@ class WeightSyncStrategy(DDPStrategy):
             logging.shutdown()
             sys.stdout.flush()
             os._exit(1)
+
+    def _close_worker_logs(self, control: ControlPlane) -> None:
+        """Write the workers' last metrics (they delivered them before exiting); with nowhere to write them, say so."""
+        if self._worker_logs is not None:
+            self._worker_logs.close(self._log_sinks)
+            return
+        left = WorkerLogCollector(control.client, self.layout.num_workers, start=False)
+        if left.collect():
+            rank_zero_warn(
+                "fabric_weightsync: workers logged metrics (ctx.log_dict) that were not written anywhere: training rank 0"
+                " writes them to Fabric's loggers with WeightSyncCallback, after fabric.setup"
+            )
 
     # ------------------------------------------------------------------ helpers
     def _main_address(self) -> str:
@@ -315,13 +346,23 @@ def _check_picklable(worker_fn: Callable, start_method: str) -> None:
         ) from err
 
 
-def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float) -> None:
+def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float, meanwhile: Callable[[], None]) -> None:
+    """Wait for the exit report of every live worker, calling ``meanwhile`` between looks."""
     keys = [worker_keys(status.rank).exit for status in scheme.workers if status.alive]
-    if keys:
-        try:
-            control.client().wait(keys, timedelta(seconds=timeout))
-        except Exception:
-            rank_zero_info("fabric_weightsync: some workers did not exit in time after the stop request")
+    if not keys:
+        return
+    client = control.client()
+
+    def exited() -> bool:
+        meanwhile()
+        return client.check(keys)
+
+    try:
+        if poll_until(exited, timeout, max_pause=SLOW_POLL_S):
+            return
+    except Exception:  # noqa: BLE001 - the store is unreachable; nothing left to wait for
+        pass
+    rank_zero_info("fabric_weightsync: some workers did not exit in time after the stop request")
 
 
 def _import_worker_fn(path: str) -> WorkerFn:
