@@ -304,7 +304,10 @@ class WeightSyncStrategy(DDPStrategy):
     def _close_worker_logs(self, control: ControlPlane) -> None:
         """Write the workers' last metrics (they delivered them before exiting); with nowhere to write them, say so."""
         if self._worker_logs is not None:
-            self._worker_logs.close(self._log_sinks)
+            try:
+                self._worker_logs.close(self._log_sinks)
+            except Exception as err:  # noqa: BLE001 - a failing logger must not stop the rest of the shutdown
+                rank_zero_warn(f"fabric_weightsync: writing the workers' last metrics to the loggers failed: {err!r}")
             return
         left = WorkerLogCollector(control.client, self.layout.num_workers, start=False)
         if left.collect():
