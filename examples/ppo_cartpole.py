@@ -287,7 +287,7 @@ def train(fabric: Fabric, args: Args) -> dict:
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     agent, optimizer = fabric.setup(agent, optimizer)
     strategy: WeightSyncStrategy = fabric.strategy
-    my_workers = len(range(fabric.global_rank, strategy.layout.num_workers, fabric.world_size))  # worker i -> rank i % world
+    my_workers = len(strategy.routes.workers_of(fabric.global_rank))
     # One buffered rollout per worker keeps the policy lag low; the workers outpace the learner anyway.
     stream = strategy.experience(
         capacity=args.capacity or max(1, my_workers),

@@ -3,7 +3,13 @@
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 
 from fabric_weightsync.callbacks import WeightSyncCallback
-from fabric_weightsync.experience import ExperienceBatch, ExperienceError, ExperienceSchemaError, ExperienceTimeout
+from fabric_weightsync.experience import (
+    ExperienceBatch,
+    ExperienceError,
+    ExperienceRoutes,
+    ExperienceSchemaError,
+    ExperienceTimeout,
+)
 from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import WorkerFailedError
 from fabric_weightsync.scheme import WeightSyncScheme
@@ -19,6 +25,7 @@ __all__ = [
     "DistributedTransport",
     "ExperienceBatch",
     "ExperienceError",
+    "ExperienceRoutes",
     "ExperienceSchemaError",
     "ExperienceStream",
     "ExperienceTimeout",

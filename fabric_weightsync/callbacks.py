@@ -13,9 +13,9 @@ class WeightSyncCallback:
 
     Fabric calls :meth:`on_after_optimizer_step` after every ``optimizer.step()``. Each step of the trigger
     optimizer adds one to the version (:attr:`WeightSyncStrategy.policy_version`); every ``every_n_steps``-th,
-    training rank 0 stages the weights (one copy, no waiting on any worker). The run's end
-    (``fabric.call("on_train_end")``, or automatically when the training code finishes) delivers the last version to
-    every live worker.
+    training rank 0 stages the weights (one copy, no waiting on any worker), and it writes the metrics workers
+    logged since (``ctx.log_dict``) to Fabric's loggers. The run's end (``fabric.call("on_train_end")``, or
+    automatically when the training code finishes) delivers the last version to every live worker.
 
     Args:
         every_n_steps: push every n-th step of the trigger optimizer; the final version is always delivered.
@@ -43,6 +43,11 @@ class WeightSyncCallback:
     def trigger_optimizer(self, optimizer: Optimizer) -> None:
         self._trigger = _unwrap(optimizer)
 
+    def on_after_setup(self, fabric: Any, module: Any) -> None:
+        """Training rank 0 writes what workers log (``ctx.log_dict``) to this Fabric's loggers."""
+        if isinstance(fabric.strategy, WeightSyncStrategy):
+            fabric.strategy.log_worker_metrics_to(fabric.loggers)
+
     def on_after_optimizer_step(self, strategy: Strategy, optimizer: Optimizer) -> None:
         if not isinstance(strategy, WeightSyncStrategy):
             raise TypeError(f"WeightSyncCallback needs Fabric(strategy=WeightSyncStrategy(...)), got {type(strategy).__name__}")
@@ -54,6 +59,7 @@ class WeightSyncCallback:
             return
         self.step += 1
         strategy.policy_version += 1
+        strategy.forward_worker_logs()
         scheme = strategy.scheme
         if scheme is not None and scheme.module is None:
             return  # nothing is synced yet
@@ -63,8 +69,11 @@ class WeightSyncCallback:
             scheme.note(strategy.policy_version)
 
     def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-        """Deliver the last version now (also done automatically when training ends)."""
+        """Deliver the last version now, and write the worker metrics received so far (both also done
+        automatically when training ends)."""
         strategy = self._strategy
+        if strategy is not None:
+            strategy.forward_worker_logs()
         scheme = strategy.scheme if strategy is not None else None
         if scheme is not None and scheme.module is not None:
             scheme.note(strategy.policy_version)

@@ -49,6 +49,32 @@ class ExperienceBatch:
     version: int
 
 
+@dataclass(frozen=True)
+class ExperienceRoutes:
+    """Which training ranks each worker sends to: worker ``w`` and rank ``r`` are linked when
+    ``w % m == r % m``, with ``m = min(num_workers, num_training_ranks)``.
+
+    With at least as many workers as ranks, worker ``w`` sends to rank ``w % num_training_ranks`` only. With fewer,
+    each rank hears exactly one worker, and a worker sends each batch to whichever of its ranks has room: every
+    rank is fed, and ranks that take the same number of batches per update get them at the same pace.
+    """
+
+    num_workers: int
+    num_training_ranks: int
+
+    @property
+    def _period(self) -> int:
+        return max(1, min(self.num_workers, self.num_training_ranks))
+
+    def ranks_of(self, worker_id: int) -> list[int]:
+        """The training ranks ``worker_id`` sends to."""
+        return [r for r in range(self.num_training_ranks) if r % self._period == worker_id % self._period]
+
+    def workers_of(self, rank: int) -> list[int]:
+        """The workers training rank ``rank`` receives from."""
+        return [w for w in range(self.num_workers) if w % self._period == rank % self._period]
+
+
 def _display(path: Path) -> str:
     return repr(path[0]) if len(path) == 1 else repr(path)
 

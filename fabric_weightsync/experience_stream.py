@@ -1,6 +1,8 @@
 """A training rank's end of the experience path: a bounded stream of batches from its workers.
 
-Worker ``i`` sends to training rank ``i % num_training_ranks``. One receiver thread per worker accepts the
+Each training rank receives from the workers that :class:`~fabric_weightsync.experience.ExperienceRoutes` gives
+it (worker ``i`` sends to rank ``i % num_training_ranks`` when there are at least as many workers as ranks; with
+fewer, a worker feeds several ranks, each batch going to one with room). One receiver thread per worker accepts the
 worker's schema, then posts a receive (and grants the worker a credit through the store) only while the stream's
 queue has room: **workers block** when the trainer is slower than they are, and memory on this rank stays at
 ``capacity`` x the batch size. Store keys and group names are those of :mod:`~fabric_weightsync.protocol`.
@@ -19,9 +21,23 @@ import torch
 import fabric_weightsync.protocol as protocol
 from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.channels import new_pair_group
-from fabric_weightsync.experience import ExperienceBatch, ExperienceError, ExperienceSchema, ExperienceTimeout
+from fabric_weightsync.experience import (
+    ExperienceBatch,
+    ExperienceError,
+    ExperienceRoutes,
+    ExperienceSchema,
+    ExperienceTimeout,
+)
 from fabric_weightsync.health import FailurePolicy, WorkerFailedError, read_exit_report
-from fabric_weightsync.protocol import STOP_KEY, experience_group_name, experience_key, poll_until, read_epoch, worker_keys
+from fabric_weightsync.protocol import (
+    STOP_KEY,
+    experience_epoch_key,
+    experience_group_name,
+    experience_key,
+    poll_until,
+    read_epoch,
+    worker_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +52,7 @@ _RECONNECTED = "reconnected"
 
 
 class ExperienceStream:
-    """A training rank's stream of experience from its workers (those with ``worker_id % world_size == rank``).
+    """A training rank's stream of experience from its workers (see :class:`ExperienceRoutes`).
 
     Iterate it (``for batch in stream``) or take ``get(n)`` batches at a time; each item is an
     :class:`ExperienceBatch`. Batches of one worker arrive in the order it sent them. One background thread per
@@ -44,13 +60,14 @@ class ExperienceStream:
     block** in ``ctx.send()`` while it is full; memory on this rank is at most ``capacity`` x the batch size.
 
     With DDP, take the same number of batches on every rank per update (``get(n)``) so every rank runs the same
-    number of steps. Iteration ends when every worker of this rank has finished and all its batches were taken.
+    number of steps; a worker shared by several ranks sends each batch to one that has room, so they all get
+    theirs. Iteration ends when every worker of this rank has finished and all its batches were taken.
 
     Made by :meth:`WeightSyncStrategy.experience` (``fabric.strategy.experience(capacity=..., max_staleness=...)``).
 
     Args:
         rank: this training rank.
-        num_training_ranks: training ranks in the run (worker ``i`` sends to rank ``i % num_training_ranks``).
+        num_training_ranks: training ranks in the run.
         num_workers: inference workers in the run.
         open_store: opens a new client of the control store.
         policy_version: this rank's current policy version (for ``max_staleness``).
@@ -85,13 +102,7 @@ class ExperienceStream:
     ) -> None:
         self.rank = rank
         self.num_training_ranks = num_training_ranks
-        self.worker_ids = [w for w in range(num_workers) if w % num_training_ranks == rank]
-        if not self.worker_ids:
-            raise ExperienceError(
-                f"Training rank {rank} has no inference workers to receive experience from: worker i sends to"
-                f" training rank i % {num_training_ranks}, and there are only {num_workers} workers. Launch at least"
-                f" {num_training_ranks} workers in all, or do not call experience() on this rank."
-            )
+        self.worker_ids = ExperienceRoutes(num_workers, num_training_ranks).workers_of(rank)
         if capacity is not None and capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         if max_staleness is not None and max_staleness < 0:
@@ -112,7 +123,7 @@ class ExperienceStream:
         self._closing = False
         self._ended: dict[int, Optional[str]] = {}
         self._unreported: list[int] = []
-        self._receivers = [_WorkerReceiver(self, w, open_store(), sync_timeout) for w in self.worker_ids]
+        self._receivers = [_WorkerReceiver(self, w, rank, open_store(), sync_timeout) for w in self.worker_ids]
         for receiver in self._receivers:
             receiver.start()
 
@@ -265,16 +276,18 @@ def _host_memory() -> int:
 
 
 class _WorkerReceiver(threading.Thread):
-    """Receives one worker's batches: accept its schema, then one posted receive (and one credit) per free slot.
+    """Receives one worker's batches for training rank ``rank``: accept its schema, then one posted receive (and one
+    credit) per free slot.
 
     Serves each connection (epoch) of the worker in turn, so a replacement process under the same worker id is
     received from again.
     """
 
-    def __init__(self, stream: ExperienceStream, worker_id: int, store: ControlStore, timeout: float) -> None:
+    def __init__(self, stream: ExperienceStream, worker_id: int, rank: int, store: ControlStore, timeout: float) -> None:
         super().__init__(name=f"fws-experience-{worker_id}", daemon=True)
         self.stream = stream
         self.worker_id = worker_id
+        self.rank = rank
         self.store = store
         self.timeout = timeout
         self._keys = worker_keys(worker_id + 1)
@@ -295,12 +308,15 @@ class _WorkerReceiver(threading.Thread):
                         self.stream._worker_ended(self.worker_id, reason)
                 finally:
                     for name in ("schema", "accept", "credit"):
-                        self.store.delete_key(experience_key(self.worker_id, epoch, name))
+                        self.store.delete_key(self._key(epoch, name))
         except Exception:  # the store went away with training rank 0: training is over
             return
 
     def _epoch(self) -> int:
-        return read_epoch(self.store, self.worker_id)
+        return read_epoch(self.store, experience_epoch_key(self.worker_id, self.rank))
+
+    def _key(self, epoch: int, name: str) -> str:
+        return experience_key(self.worker_id, self.rank, epoch, name)
 
     def _next_epoch(self, served: int) -> Optional[int]:
         """Wait for a connection newer than ``served``; report a worker that exits without connecting."""
@@ -323,8 +339,8 @@ class _WorkerReceiver(threading.Thread):
         schema = self._accept(epoch)
         if schema is None:
             return
-        group = new_pair_group(self.store, experience_group_name(self.worker_id, epoch), 1, "gloo", self.timeout)
-        credit = experience_key(self.worker_id, epoch, "credit")
+        group = new_pair_group(self.store, experience_group_name(self.worker_id, self.rank, epoch), 1, "gloo", self.timeout)
+        credit = self._key(epoch, "credit")
         while self.stream._acquire_slot():
             storage = torch.empty(schema.layout.nbytes, dtype=torch.uint8)
             try:
@@ -338,14 +354,18 @@ class _WorkerReceiver(threading.Thread):
 
     def _accept(self, epoch: int) -> Optional[ExperienceSchema]:
         """Read the schema of connection ``epoch`` and accept it; ``None`` if the stream closed or a newer one came."""
-        key = experience_key(self.worker_id, epoch, "schema")
+        key = self._key(epoch, "schema")
         # the worker counts the epoch first, then publishes its schema
         gone = lambda: self.stream.closing or self._epoch() > epoch  # noqa: E731
         poll_until(lambda: self.store.check([key]) or gone(), None, max_pause=EPOCH_POLL_S)
         if not self.store.check([key]):
             return None
-        schema = ExperienceSchema.from_json(self.store.get(key))
-        accept = experience_key(self.worker_id, epoch, "accept")
+        try:
+            schema = ExperienceSchema.from_json(self.store.get(key))
+        except ValueError as err:  # not the worker's writing: wait for its next connection
+            log.warning("fabric_weightsync: ignoring store key %r: %s", key, err)
+            return None
+        accept = self._key(epoch, "accept")
         refused = self.stream._admit(self.worker_id, schema.layout.nbytes)
         if refused is not None:  # before any buffer of that size exists
             self.store.set(accept, refused.encode())

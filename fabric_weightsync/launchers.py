@@ -58,12 +58,13 @@ class TrainingCrash:
 
 
 class WeightSyncScriptLauncher(_Launcher):
-    """``python train.py`` + ``fabric.launch()``, torchrun and SLURM.
+    """``python train.py`` + ``fabric.launch()``, torchrun, SLURM and ``fabric run``.
 
     When the cluster does not create the processes (plain ``python train.py``), local rank 0 of each node
     re-runs the script ``devices + inference_workers - 1`` times with ``LOCAL_RANK`` set, like Fabric's own
     script launcher; children get ``PR_SET_PDEATHSIG`` so they cannot outlive it. Under torchrun or SLURM the
-    processes already exist and each one just takes its role.
+    processes already exist and each one just takes its role. Under ``fabric run`` only the training processes
+    exist and ``launch()`` is never called: see :meth:`start_cli_workers`.
     """
 
     def __init__(self, cluster_environment: ClusterEnvironment, worker: WorkerSpec, shutdown_timeout: float, crash: TrainingCrash) -> None:
@@ -83,13 +84,26 @@ class WeightSyncScriptLauncher(_Launcher):
         env, layout = self.cluster_environment, self.worker.layout
         env.validate_settings(num_devices=layout.processes_per_node, num_nodes=layout.num_nodes)
         if not env.creates_processes_externally:
-            self._start_children()
-        if layout.is_worker(env.local_rank()):
-            sys.exit(self.worker.run(env.main_address, env.main_port, env.node_rank(), env.local_rank()))
+            self._start_children(range(1, layout.processes_per_node))
+        self._run_if_worker()
         _set_num_threads_if_needed(num_processes=layout.processes_per_node)
         return function(*args, **kwargs)
 
-    def _start_children(self) -> None:
+    def start_cli_workers(self) -> None:
+        """``fabric run``: the CLI's torchrun started the ``devices`` training processes of each node, and Fabric
+        sets them up in ``Fabric(...)`` instead of calling ``launch()``. Local rank 0 of each node starts this
+        node's workers by re-running the script; in a worker, this runs ``worker_fn`` and exits the process."""
+        layout = self.worker.layout
+        if self.cluster_environment.local_rank() == 0 and not self.children:
+            self._start_children(range(layout.devices, layout.processes_per_node))
+        self._run_if_worker()
+
+    def _run_if_worker(self) -> None:
+        env = self.cluster_environment
+        if self.worker.layout.is_worker(env.local_rank()):
+            sys.exit(self.worker.run(env.main_address, env.main_port, env.node_rank(), env.local_rank()))
+
+    def _start_children(self, local_ranks: range) -> None:
         env, layout = self.cluster_environment, self.worker.layout
         if env.node_rank() == 0:  # rank 0's node: the children inherit the run's secret (other nodes: the job's)
             ensure_secret()
@@ -98,7 +112,7 @@ class WeightSyncScriptLauncher(_Launcher):
         os.environ["NODE_RANK"] = str(env.node_rank())
         os.environ["LOCAL_RANK"] = "0"
         os.environ["WORLD_SIZE"] = str(layout.devices * layout.num_nodes)
-        for local_rank in range(1, layout.processes_per_node):
+        for local_rank in local_ranks:
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             command, cwd = _child_command(local_rank)
             # Unlike Fabric's launcher, children die with this process: a dead rank 0 ends the run anyway,

@@ -5,6 +5,7 @@ experience travel on the data planes. Worker ``i`` has transport rank ``r = i + 
 keys of :func:`worker_keys`.
 """
 
+import logging
 import time
 from datetime import timedelta
 from typing import Callable, NamedTuple, Optional
@@ -12,6 +13,8 @@ from typing import Callable, NamedTuple, Optional
 import torch.distributed as dist
 
 from fabric_weightsync.auth import ControlStore
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_KEY = "fabric_weightsync/control"
 """In the rendezvous store on ``MASTER_PORT``: ``host:port`` of the control store."""
@@ -99,24 +102,37 @@ def weights_group_name(rank: int, epoch: Optional[int] = None) -> str:
     return f"fws/pg/{rank}" if epoch is None else f"fws/pg/{rank}/{epoch}"
 
 
-def experience_epoch_key(worker_id: int) -> str:
-    """Counts a worker's experience connections: a replacement process gets fresh keys and a fresh group."""
-    return f"fws/expctl/{worker_id}/epoch"
+def experience_epoch_key(worker_id: int, rank: int) -> str:
+    """Counts a worker's experience connections to training rank ``rank`` (written by the worker only): a
+    replacement process gets fresh keys and a fresh group."""
+    return f"fws/expctl/{worker_id}/{rank}/epoch"
 
 
-def read_epoch(store: ControlStore, worker_id: int) -> int:
-    """How many experience connections the worker has opened (0: none, or nothing readable there)."""
-    value = store.read(experience_epoch_key(worker_id))
-    return int(value) if value is not None and value.isdigit() else 0
-
-
-def experience_key(worker_id: int, epoch: int, name: str) -> str:
+def experience_key(worker_id: int, rank: int, epoch: int, name: str) -> str:
     """``schema`` (worker's batch layout), ``accept`` (receiver ready) or ``credit`` (a receive is posted)."""
-    return f"fws/expctl/{worker_id}/{epoch}/{name}"
+    return f"fws/expctl/{worker_id}/{rank}/{epoch}/{name}"
 
 
-def experience_group_name(worker_id: int, epoch: int) -> str:
-    return f"fws/exp/{worker_id}/{epoch}"
+def experience_group_name(worker_id: int, rank: int, epoch: int) -> str:
+    return f"fws/exp/{worker_id}/{rank}/{epoch}"
+
+
+def worker_log_key(worker_id: int) -> str:
+    """A worker's log mailbox: one chunk of metric records, written by the worker when empty, taken by rank 0."""
+    return f"fws/log/{worker_id}"
+
+
+def read_epoch(store: ControlStore, key: str) -> int:
+    """The connection count under ``key`` (0 before the first); a value that is not a count (or not signed by this
+    run) reads as 0, with a warning naming the key."""
+    raw = store.read(key)
+    if raw is None:
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        log.warning("fabric_weightsync: ignoring store key %r: %r is not a connection count", key, raw[:40])
+        return 0
 
 
 def poll_until(

@@ -6,27 +6,29 @@ import importlib
 import logging
 import os
 import sys
-from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
+from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout, TrainingWorldEnvironment
+from fabric_weightsync.experience import ExperienceRoutes
 from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import FAILURE_POLICIES, FailurePolicy, WorkerFailedError
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
 from fabric_weightsync.messages import MessagePublisher
-from fabric_weightsync.protocol import worker_keys
+from fabric_weightsync.protocol import SLOW_POLL_S, poll_until, worker_keys
 from fabric_weightsync.scheme import TRANSPORTS, WeightSyncScheme, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
 from fabric_weightsync.worker import WorkerContext, WorkerSpec
+from fabric_weightsync.worker_logs import WorkerLogCollector
 
 WorkerFn = Callable[[WorkerContext], Any]
 
@@ -51,8 +53,10 @@ class WeightSyncStrategy(DDPStrategy):
 
     Launch modes: ``python train.py`` with ``fabric.launch()`` (``start_method="popen"``, the default),
     ``fabric.launch(fn)`` with ``start_method="spawn" | "fork" | "forkserver"``, ``torchrun
-    --nproc-per-node=devices+inference_workers`` and SLURM ``--ntasks-per-node=devices+inference_workers``.
-    On each node, local ranks ``0..devices-1`` train and the rest are workers.
+    --nproc-per-node=devices+inference_workers``, SLURM ``--ntasks-per-node=devices+inference_workers``, and
+    Lightning's CLI ``fabric run --devices=devices`` (no ``fabric.launch()``, as the CLI requires: local rank 0 of
+    each node starts its workers inside ``Fabric(...)``). On each node, local ranks ``0..devices-1`` train and
+    the rest are workers.
 
     Registered in Fabric's strategy registry as ``"ddp_weightsync"`` (and ``"ddp_weightsync_spawn"``); those
     names read the worker function from ``FABRIC_WEIGHTSYNC_WORKER_FN`` (``"package.module:function"``) and
@@ -138,6 +142,8 @@ class WeightSyncStrategy(DDPStrategy):
         self._scheme: Optional[WeightSyncScheme] = None
         self._experience: Optional[ExperienceStream] = None
         self._publisher: Optional[MessagePublisher] = None
+        self._worker_logs: Optional[WorkerLogCollector] = None
+        self._log_sinks: list = []
         self._shut_down = False
         self._exit_hooked = False
         self.policy_version = 0
@@ -165,13 +171,15 @@ class WeightSyncStrategy(DDPStrategy):
         assert self.cluster_environment is not None
         if not isinstance(self.cluster_environment, TrainingWorldEnvironment):
             self.cluster_environment = TrainingWorldEnvironment(self.cluster_environment, self.layout)
-        if self._start_method == "popen":
+        if self._start_method == "popen" or _is_using_cli():  # under fabric run, the CLI created the processes
             self._launcher = WeightSyncScriptLauncher(self.cluster_environment, self.worker_spec(), self.shutdown_timeout, self.crash)
         else:
             self._launcher = WeightSyncSpawnLauncher(self, self._start_method, self.worker_spec(), self.shutdown_timeout, self.with_shutdown)
 
     @override
     def setup_environment(self) -> None:
+        if _is_using_cli():  # fabric run: Fabric(...) calls this instead of launching, so workers branch off here
+            self._launcher.start_cli_workers()
         super().setup_environment()
         if self.global_rank == 0:
             self._control = ControlPlane.serve(self._main_address(), self.cluster_environment.main_port, self.sync_timeout)
@@ -252,6 +260,13 @@ class WeightSyncStrategy(DDPStrategy):
             raise TimeoutError(message)
         log.warning("fabric_weightsync: %s; training starts now, they are served when they connect", message)
 
+    @property
+    def routes(self) -> ExperienceRoutes:
+        """Which training ranks each worker's experience goes to (``routes.workers_of(fabric.global_rank)``: the
+        workers this rank's stream receives from)."""
+        layout = self.layout
+        return ExperienceRoutes(layout.num_workers, layout.devices * layout.num_nodes)
+
     def experience(self, **kwargs: Any) -> ExperienceStream:
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).
 
@@ -260,11 +275,11 @@ class WeightSyncStrategy(DDPStrategy):
         memory and how far workers get ahead before they block in ``ctx.send``.
         """
         if self._experience is None:
-            layout = self.layout
+            routes = self.routes
             self._experience = ExperienceStream(
                 rank=self.global_rank,
-                num_training_ranks=layout.devices * layout.num_nodes,
-                num_workers=layout.num_workers,
+                num_training_ranks=routes.num_training_ranks,
+                num_workers=routes.num_workers,
                 open_store=self.control_plane().client,
                 policy_version=lambda: self.policy_version,
                 on_worker_failure=self.on_worker_failure,
@@ -272,6 +287,21 @@ class WeightSyncStrategy(DDPStrategy):
                 **kwargs,
             )
         return self._experience
+
+    def log_worker_metrics_to(self, loggers: list) -> None:
+        """On training rank 0, write what workers log (``ctx.log_dict``) to ``loggers``: after each optimizer step
+        (:meth:`forward_worker_logs`) and at the end of training. ``WeightSyncCallback`` passes Fabric's loggers at
+        ``fabric.setup``. Other ranks ignore it."""
+        if self._control is None or self.global_rank != 0:
+            return
+        self._log_sinks = loggers  # Fabric's own list: loggers added to it later are written to too
+        if self._worker_logs is None:
+            self._worker_logs = WorkerLogCollector(self._control.client, self.layout.num_workers)
+
+    def forward_worker_logs(self) -> None:
+        """Write the worker metrics received so far to the loggers (training rank 0; a no-op elsewhere)."""
+        if self._worker_logs is not None:
+            self._worker_logs.forward(self._log_sinks)
 
     def control_plane(self) -> ControlPlane:
         """The control plane: hosted on training rank 0, joined on demand by every other process."""
@@ -312,7 +342,9 @@ class WeightSyncStrategy(DDPStrategy):
                     rank_zero_info("fabric_weightsync: some workers did not take the final version in time")
             scheme.close()
             control.request_stop()
-            _wait_for_exits(control, scheme, self.shutdown_timeout)
+            # Workers deliver their last metrics before they report their exit: keep writing them to make room.
+            _wait_for_exits(control, scheme, self.shutdown_timeout, meanwhile=self.forward_worker_logs)
+            self._close_worker_logs(control)
             control.close()
         # A daemon thread still inside a store call when the interpreter finalizes aborts the process.
         if self._experience is not None:
@@ -336,6 +368,21 @@ class WeightSyncStrategy(DDPStrategy):
             logging.shutdown()
             sys.stdout.flush()
             os._exit(1)
+
+    def _close_worker_logs(self, control: ControlPlane) -> None:
+        """Write the workers' last metrics (they delivered them before exiting); with nowhere to write them, say so."""
+        if self._worker_logs is not None:
+            try:
+                self._worker_logs.close(self._log_sinks)
+            except Exception as err:  # noqa: BLE001 - a failing logger must not stop the rest of the shutdown
+                rank_zero_warn(f"fabric_weightsync: writing the workers' last metrics to the loggers failed: {err!r}")
+            return
+        left = WorkerLogCollector(control.client, self.layout.num_workers, start=False)
+        if left.collect():
+            rank_zero_warn(
+                "fabric_weightsync: workers logged metrics (ctx.log_dict) that were not written anywhere: training rank 0"
+                " writes them to Fabric's loggers with WeightSyncCallback, after fabric.setup"
+            )
 
     # ------------------------------------------------------------------ helpers
     def _main_address(self) -> str:
@@ -370,13 +417,23 @@ def _check_picklable(worker_fn: Callable, start_method: str) -> None:
         ) from err
 
 
-def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float) -> None:
+def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float, meanwhile: Callable[[], None]) -> None:
+    """Wait for the exit report of every live worker, calling ``meanwhile`` between looks."""
     keys = [worker_keys(status.rank).exit for status in scheme.workers if status.alive]
-    if keys:
-        try:
-            control.client().wait(keys, timedelta(seconds=timeout))
-        except Exception:
-            rank_zero_info("fabric_weightsync: some workers did not exit in time after the stop request")
+    if not keys:
+        return
+    client = control.client()
+
+    def exited() -> bool:
+        meanwhile()
+        return client.check(keys)
+
+    try:
+        if poll_until(exited, timeout, max_pause=SLOW_POLL_S):
+            return
+    except Exception:  # noqa: BLE001 - the store is unreachable; nothing left to wait for
+        pass
+    rank_zero_info("fabric_weightsync: some workers did not exit in time after the stop request")
 
 
 def _import_worker_fn(path: str) -> WorkerFn:

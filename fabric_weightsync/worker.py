@@ -11,17 +11,20 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from lightning.fabric.utilities.seed import seed_everything
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from tensordict import TensorDictBase
 from torch import nn
 
 from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.environment import ProcessLayout
+from fabric_weightsync.experience import ExperienceRoutes
 from fabric_weightsync.experience_sender import ExperienceSender
 from fabric_weightsync.messages import MessageReader
 from fabric_weightsync.protocol import STOP_KEY, TrainingEnded, WorkerKeys, worker_keys
 from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import WeightStrategy
+from fabric_weightsync.worker_logs import WorkerLogSender
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,9 @@ EXIT_TRAINER_LOST = 75
 
 LATE_REPORT_TIMEOUT_S = 2.0
 """Seconds a worker that found training over tries to tell rank 0 it exited."""
+
+LOG_CLOSE_TIMEOUT_S = 5.0
+"""Seconds an exiting worker gives training rank 0 to take the metric records it still holds."""
 
 UPDATE_WAIT_SLICE_S = 0.1
 """``wait_for_update`` waits in slices this long, so it notices the end of training."""
@@ -186,6 +192,7 @@ class WorkerContext:
         self._receiver: Optional[WeightReceiver] = None
         self._sender: Optional[ExperienceSender] = None
         self._messages: Optional[MessageReader] = None
+        self._logs: Optional[WorkerLogSender] = None
 
     @property
     def rank(self) -> int:
@@ -209,7 +216,9 @@ class WorkerContext:
         return self._receiver
 
     def send(self, batch: Union[TensorDictBase, Mapping[str, Any]], *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
-        """Send a batch of experience to this worker's training rank (``worker_id % num_training_ranks``).
+        """Send a batch of experience to a training rank (see :class:`~fabric_weightsync.experience.ExperienceRoutes`:
+        ``worker_id % num_training_ranks`` with at least as many workers as ranks, else whichever of this worker's
+        ranks has room).
 
         ``batch``: a ``TensorDict``, or a dict of tensors (nested dicts allowed), which arrives as a ``TensorDict``
         with ``batch_size=[]``. ``version`` defaults to the version of the policy applied now (``connect`` must
@@ -219,7 +228,7 @@ class WorkerContext:
         if self._sender is None:
             self._sender = ExperienceSender(
                 self.worker_id,
-                self.worker_id % self.num_training_ranks,
+                ExperienceRoutes(self.num_workers, self.num_training_ranks).ranks_of(self.worker_id),
                 self.control.client(),  # its own client: this one polls while the worker waits
                 self.timeout,
                 stop_requested=lambda: self.stop_requested,
@@ -230,6 +239,29 @@ class WorkerContext:
                 raise RuntimeError("ctx.send() needs the policy version: call ctx.connect(policy) first or pass version=")
             version = self._receiver.version
         return self._sender.send(batch, version=version, timeout=self.timeout if timeout is None else timeout)
+
+    def log(self, name: str, value: Any, step: Optional[int] = None) -> None:
+        """Log one metric to training rank 0's Fabric loggers; see :meth:`log_dict`."""
+        self.log_dict({name: value}, step=step)
+
+    def log_dict(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+        """Log metrics (numbers or one-element tensors) to the loggers of training rank 0's ``Fabric``.
+
+        Never blocks: the records are buffered and delivered by a thread, and training rank 0 writes them after
+        its next optimizer step (``WeightSyncCallback``) or at the end of training. ``step`` defaults to the
+        version of the policy applied here (the trainer's optimizer-step count; 0 before ``connect``). Records
+        the trainer cannot keep up with are never dropped silently: see :mod:`~fabric_weightsync.worker_logs`.
+        """
+        if self._logs is None:
+            self._logs = WorkerLogSender(self.worker_id, self.control.client())  # its own client: its thread polls
+        if step is None:
+            step = self._receiver.version if self._receiver is not None else 0
+        self._logs.log(metrics, step)
+
+    def close_logs(self, timeout: float) -> None:
+        """Deliver what ``log_dict`` still holds (at the worker's exit)."""
+        if self._logs is not None:
+            self._logs.close(0.0 if self.trainer_lost else timeout)
 
     @property
     def messages(self) -> dict[str, Any]:
@@ -329,6 +361,7 @@ def run_worker(worker_fn: Callable[[WorkerContext], object], context: WorkerCont
         _report(store, keys.error, traceback.format_exc())
         raise
     finally:
+        context.close_logs(LOG_CLOSE_TIMEOUT_S)  # before the exit report: rank 0 takes the last records after it
         heartbeat.stop()
         _report(store, keys.exit, code)
     if context.trainer_lost:
@@ -383,6 +416,8 @@ class WorkerSpec:
             # Rank 0 may still wait for this worker's exit; it is not worth more than a brief try.
             self.report_exit(main_address, main_port, node_rank, local_rank, 0, timeout=LATE_REPORT_TIMEOUT_S)
             return 0
+        # A worker is rank zero of its own process: Lightning loggers it creates write instead of skipping every call.
+        rank_zero_only.rank = 0
         try:
             context = WorkerContext(
                 worker_id=worker_id,

@@ -74,6 +74,42 @@ def streaming_worker(ctx, out_dir: str, pause: float = 0.0, limit: Optional[int]
     _write(out_dir, ctx.worker_id, {"sent": sent, "durations": durations, "stopped_in_send": stopped_in_send})
 
 
+MAX_EPISODES, MAX_LEN = 4, 6
+"""Capacity of a batch of finished episodes: episodes per batch, steps per episode."""
+
+
+def episode_worker(ctx, out_dir: str) -> None:
+    """Sends, per batch, the 0 to MAX_EPISODES episodes that "finished", each padded to MAX_LEN steps and the batch
+    padded to MAX_EPISODES rows (``length`` 0 marks a padding row): the pattern for variable-length data."""
+    torch.set_num_threads(1)
+    rx = ctx.connect(make_policy())
+    sent = []
+    seq = 0
+    while not ctx.stop_requested:
+        rx.poll()
+        gen = torch.Generator().manual_seed(seq)
+        lengths = torch.randint(1, MAX_LEN + 1, (int(torch.randint(0, MAX_EPISODES + 1, (), generator=gen)),), generator=gen)
+        batch = TensorDict(
+            {
+                "reward": torch.zeros(MAX_EPISODES, MAX_LEN),
+                "length": torch.zeros(MAX_EPISODES, dtype=torch.int64),
+                "seq": torch.full((MAX_EPISODES,), seq),
+            },
+            batch_size=[MAX_EPISODES],
+        )
+        episodes = []
+        for row, n in enumerate(lengths.tolist()):
+            rewards = torch.randn(n, generator=gen)
+            batch["reward"][row, :n] = rewards
+            batch["length"][row] = n
+            episodes.append(rewards.tolist())
+        if not ctx.send(batch):
+            break
+        sent.append([seq, episodes])
+        seq += 1
+    _write(out_dir, ctx.worker_id, {"sent": sent, "sent_to": ctx._sender.sent_to})
+
+
 def checking_worker(ctx, out_dir: str) -> None:
     """Sends a good batch, then bad ones (each must be refused before sending), then times out, then a good one."""
     torch.set_num_threads(1)
@@ -136,7 +172,6 @@ def reconnecting_worker(ctx, out_dir: str) -> None:
         ctx.send(make_batch(ctx.worker_id, seq, rx.version))
     # What a replacement process under the same worker id looks like to the trainer: the old group's sockets
     # close, and a new sender connects afresh.
-    ctx._sender._group = None
     ctx._sender = None
     gc.collect()
     for seq in range(2, 4):

@@ -31,6 +31,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 SCRIPTS_DIR = TESTS_DIR / "scripts"
 REPO_ROOT = TESTS_DIR.parent
 TRAIN_SCRIPT = SCRIPTS_DIR / "fws_train.py"
+FABRIC_CLI = Path(sys.executable).with_name("fabric")
+"""Lightning's ``fabric`` command, installed next to this interpreter."""
 
 RUN_TAG_ENV = "FWS_TEST_RUN_TAG"
 """Set to a fresh value for each test: every exec'd descendant inherits it, even once orphaned, so it finds
@@ -482,7 +484,7 @@ class Launch:
         return self.devices + self.workers
 
     def script_args(self, out_dir: Path) -> list:
-        launch = self.mode if self.mode in ("spawn", "fork") else "popen"
+        launch = self.mode if self.mode in ("spawn", "fork", "cli") else "popen"
         args = [
             "--launch", launch, "--strategy", self.strategy, "--devices", self.devices, "--workers", self.workers,
             "--nodes", self.nodes, "--worker-mode", self.worker_mode, "--out", out_dir,
@@ -507,6 +509,20 @@ class Launch:
                 for node in range(self.nodes)
             ]
             return run_processes(commands, [env] * self.nodes, out_dir, self.timeout, self.settle)
+        if self.mode == "cli":
+            # `fabric run`, or the package's copy of it that knows the name "ddp_weightsync"; the script's own
+            # arguments go after `--`, since some share the CLI's option names.
+            cli = [sys.executable, "-m", "fabric_weightsync.cli"] if self.strategy == "registry" else [str(FABRIC_CLI)]
+            commands = [
+                [
+                    *cli, "run", f"--devices={self.devices}", "--accelerator=cpu", f"--num-nodes={self.nodes}",
+                    f"--node-rank={node}", "--main-address=127.0.0.1", f"--main-port={env['MASTER_PORT']}",
+                    *(["--strategy=ddp_weightsync"] if self.strategy == "registry" else []),
+                    str(TRAIN_SCRIPT), "--", *map(str, args),
+                ]  # fmt: skip
+                for node in range(self.nodes)
+            ]
+            return run_processes(commands, [env] * self.nodes, out_dir, self.timeout, self.settle)
         if self.mode == "slurm":
             envs = slurm_envs(env, self.procs_per_node, self.nodes)
             return run_processes([train_cmd(*args)] * len(envs), envs, out_dir, self.timeout, self.settle)
@@ -520,6 +536,9 @@ LAUNCHES = {
     "torchrun": Launch("torchrun", strategy="registry"),
     "torchrun-2nodes": Launch("torchrun", devices=1, workers=1, nodes=2),
     "slurm": Launch("slurm"),
+    "cli": Launch("cli", workers=1),
+    "cli-registry": Launch("cli", devices=1, workers=1, strategy="registry"),
+    "cli-2nodes": Launch("cli", devices=1, workers=1, nodes=2),
 }
 """The healthy launches shared by test_launch_modes.py and test_training_world.py: each one runs once per session."""
 

@@ -24,6 +24,7 @@ from conftest import clean_env, free_port
 from _experience_workers import (
     batch_seq,
     checking_worker,
+    episode_worker,
     failing_worker,
     make_batch,
     make_policy,
@@ -241,18 +242,11 @@ def test_batches_older_than_max_staleness_are_dropped_and_counted(tmp_path: Path
 # ---------------------------------------------------------------------------------------------------- errors
 def train_for_checks(fabric: Fabric, out_dir: str) -> None:
     model, optimizer = setup_model(fabric)
-    record: dict[str, Any] = {}
-    if fabric.global_rank == 1:
-        try:
-            fabric.strategy.experience()
-            record["no_worker_error"] = None
-        except ExperienceError as err:
-            record["no_worker_error"] = str(err)
-    else:
-        stream = fabric.strategy.experience(capacity=1)
-        fabric.strategy.control_plane().client().wait(["test/go"], timedelta(seconds=30))
-        batches = stream.get(2, timeout=30)
-        record["taken"] = [
+    stream = fabric.strategy.experience(capacity=1)
+    fabric.strategy.control_plane().client().wait(["test/go"], timedelta(seconds=30))
+    batches = stream.get(2, timeout=30)
+    record = {
+        "taken": [
             {
                 "seq": batch_seq(b.data),
                 "version": b.version,
@@ -263,18 +257,19 @@ def train_for_checks(fabric: Fabric, out_dir: str) -> None:
             }
             for b in batches
         ]
+    }
     optimizer_step(fabric, model, optimizer)
     write_json(Path(out_dir, f"rank{fabric.global_rank}.json"), record)
 
 
 @pytest.mark.timeout(60)
-def test_schema_mismatch_timeout_and_rank_without_workers(tmp_path: Path) -> None:
+def test_schema_mismatch_and_timeout(tmp_path: Path) -> None:
     """A batch unlike the worker's first is refused in send() naming the key; nothing reaches the trainer.
-    A send with no room times out with a clear error. A training rank with no workers gets a clear error."""
+    A send with no room times out with a clear error, and leaves the path usable."""
     launch(
         train_for_checks,
         functools.partial(checking_worker, out_dir=str(tmp_path)),
-        devices=2,
+        devices=1,
         workers=1,
         out_dir=str(tmp_path),
     )
@@ -295,8 +290,57 @@ def test_schema_mismatch_timeout_and_rank_without_workers(tmp_path: Path) -> Non
     assert taken[0]["version"] == 1234, "an explicit version= must be the tag"
     assert all(t["equal"] for t in taken)
 
-    message = read_json(tmp_path / "rank1.json")["no_worker_error"]
-    assert message is not None and "Training rank 1 has no inference workers" in message and "i % 2" in message
+
+# ---------------------------------------------------------------------------------------------------- fewer workers than ranks
+def train_on_shared_worker(fabric: Fabric, out_dir: str, updates: int, per_update: int) -> None:
+    """Each rank takes ``per_update`` batches of padded episodes per DDP update and unpads them."""
+    model, optimizer = setup_model(fabric)
+    stream = fabric.strategy.experience(capacity=2)
+    taken = []
+    for _ in range(updates):
+        for batch in stream.get(per_update):
+            data = batch.data
+            finished = data[data["length"] > 0]  # the pattern for variable-length data: drop the padding rows
+            episodes = [finished["reward"][i, : int(n)].tolist() for i, n in enumerate(finished["length"])]
+            taken.append({"worker": batch.worker_id, "seq": int(data["seq"][0]), "episodes": episodes})
+        optimizer_step(fabric, model, optimizer)  # a DDP all-reduce: both ranks must get here every update
+    record = {"taken": taken, "workers": stream.worker_ids, "policy_version": fabric.strategy.policy_version}
+    write_json(Path(out_dir, f"rank{fabric.global_rank}.json"), record)
+
+
+@pytest.mark.timeout(90)
+def test_one_worker_feeds_two_training_ranks(tmp_path: Path) -> None:
+    """2 training ranks and 1 worker: each rank hears the worker, takes the same number of batches per update
+    (DDP stays in lockstep), and between them they get every batch the worker sent, once, in order per rank.
+    The batches carry a varying number of episodes of varying length, padded to a fixed capacity."""
+    updates, per_update = 6, 2
+    launch(
+        train_on_shared_worker,
+        functools.partial(episode_worker, out_dir=str(tmp_path)),
+        devices=2,
+        workers=1,
+        out_dir=str(tmp_path),
+        updates=updates,
+        per_update=per_update,
+    )
+    ranks = [read_json(tmp_path / f"rank{rank}.json") for rank in (0, 1)]
+    worker = read_json(tmp_path / "worker0.json")
+    for rank, record in enumerate(ranks):
+        assert record["workers"] == [0], f"rank {rank} should receive from worker 0"
+        assert len(record["taken"]) == updates * per_update
+        seqs = [t["seq"] for t in record["taken"]]
+        assert seqs == sorted(seqs), f"rank {rank}: one worker's batches arrive in order: {seqs}"
+        assert record["policy_version"] == updates
+    seqs = sorted(t["seq"] for record in ranks for t in record["taken"])
+    assert len(seqs) == len(set(seqs)), "no batch may reach two ranks"
+    # Every batch taken is one the worker sent, unpadded to exactly its episodes.
+    sent = {seq: episodes for seq, episodes in worker["sent"]}
+    for record in ranks:
+        for t in record["taken"]:
+            assert t["episodes"] == sent[t["seq"]], f"batch {t['seq']} differs from what the worker sent"
+    assert {len(sent[s]) for s in seqs} != {len(sent[seqs[0]])}, "the episode count should vary between batches"
+    # The worker handed its batches to both ranks (those sent after the ranks stopped taking may be anywhere).
+    assert all(worker["sent_to"][str(rank)] >= updates * per_update for rank in (0, 1)), worker["sent_to"]
 
 
 def train_until_worker_fails(fabric: Fabric, out_dir: str, **stream_kwargs: Any) -> None:

@@ -95,6 +95,28 @@ def test_torchrun_two_nodes(launches):
 
 
 @pytest.mark.timeout(150)
+def test_fabric_run_cli(launches):
+    """Lightning's CLI, ``fabric run --devices=2 --accelerator=cpu train.py`` with a script that does not call
+    ``fabric.launch()``: the CLI's torchrun starts the 2 training processes, local rank 0 starts the worker."""
+    assert_healthy(launches.get("cli"), LAUNCHES["cli"])
+
+
+@pytest.mark.timeout(150)
+def test_fabric_run_cli_with_strategy_name(launches):
+    """``python -m fabric_weightsync.cli run --strategy=ddp_weightsync --devices=1``: Lightning's CLI, which knows
+    the registered name, with the worker function from the environment."""
+    run = launches.get("cli-registry")
+    assert_healthy(run, LAUNCHES["cli-registry"])
+    assert {r["worker_fn"] for r in run.records("TRAIN_START")} == {"fws_train:worker"}
+
+
+@pytest.mark.timeout(150)
+def test_fabric_run_cli_two_nodes(launches):
+    """``fabric run --num-nodes=2 --node-rank=<0|1>`` on localhost: each node's local rank 0 starts its worker."""
+    assert_healthy(launches.get("cli-2nodes"), LAUNCHES["cli-2nodes"])
+
+
+@pytest.mark.timeout(150)
 def test_slurm(launches):
     """SLURM: every process is started by "srun" (here: by the test) with its SLURM_* variables."""
     assert_healthy(launches.get("slurm"), LAUNCHES["slurm"])

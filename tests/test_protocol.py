@@ -16,8 +16,9 @@ def test_worker_keys_keep_torchrl_names_and_never_collide():
     everyone = [key for rank in range(1, 20) for key in worker_keys(rank)]
     assert len(everyone) == len(set(everyone)), "every key of every worker is distinct"
     assert protocol.weights_group_name(3, 0) != protocol.weights_group_name(3, 1), "each connection its own group"
-    names = {protocol.experience_key(2, 1, name) for name in ("schema", "accept", "credit")}
-    assert len(names) == 3 and protocol.experience_epoch_key(2) not in names
+    names = {protocol.experience_key(2, rank, 1, name) for rank in (0, 1) for name in ("schema", "accept", "credit")}
+    assert len(names) == 6 and not names & {protocol.experience_epoch_key(2, 0), protocol.experience_epoch_key(2, 1)}
+    assert protocol.experience_group_name(2, 0, 1) != protocol.experience_group_name(2, 1, 1), "one group per rank"
 
 
 def test_ack_words_are_distinct():

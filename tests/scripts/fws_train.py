@@ -4,7 +4,7 @@ Training ranks print what the tests check about their world (ranks, gradient ave
 sampler split) and save their final weights; workers record every version they applied and save their final
 weights, so the test can compare tensors exactly. Lines look like ``TAG key=value ...`` with JSON values.
 
-    python fws_train.py --out DIR [--launch popen|spawn|fork] [--devices 2] [--workers 2] [--nodes 1]
+    python fws_train.py --out DIR [--launch popen|spawn|fork|cli] [--devices 2] [--workers 2] [--nodes 1]
                         [--steps 6] [--worker-mode ok|raise|mismatch] [--strategy object|registry]
 """
 
@@ -41,7 +41,8 @@ DATASET_SIZE = 8
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--launch", choices=["popen", "spawn", "fork"], default="popen")
+    # cli: started by `fabric run`, which sets the processes up in Fabric(...) and refuses fabric.launch()
+    parser.add_argument("--launch", choices=["popen", "spawn", "fork", "cli"], default="popen")
     parser.add_argument("--strategy", choices=["object", "registry"], default="object")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
@@ -156,11 +157,14 @@ def main() -> None:
     if args.strategy == "registry":
         strategy = "ddp_weightsync_spawn" if args.launch == "spawn" else "ddp_weightsync"
     else:
-        strategy = WeightSyncStrategy(worker, inference_workers=args.workers, start_method=args.launch, sync_timeout=30)
+        start_method = "popen" if args.launch == "cli" else args.launch
+        strategy = WeightSyncStrategy(worker, inference_workers=args.workers, start_method=start_method, sync_timeout=30)
     fabric = Fabric(
         accelerator="cpu", devices=args.devices, num_nodes=args.nodes, strategy=strategy, callbacks=[WeightSyncCallback()]
     )
-    if args.launch == "popen":
+    if args.launch == "cli":
+        train(fabric)
+    elif args.launch == "popen":
         fabric.launch()
         train(fabric)
     else:
