@@ -70,9 +70,10 @@ def main() -> None:
             store.set(LATEST_KEY, b"not a number")
         elif attack == "schemas":
             huge = {"names": ["obs"], "shapes": [[10**12]], "dtypes": ["float32"]}
-            store.set(experience_epoch_key(0), b"999")
-            store.set(experience_key(0, 1000, "schema"), json.dumps(huge).encode())
-            store.set(experience_epoch_key(1), b"\xff garbage")
+            store.set(experience_epoch_key(0, 0), b"999")
+            store.set(experience_key(0, 0, 1000, "schema"), json.dumps(huge).encode())
+            store.set(experience_key(0, 0, 1, "schema"), json.dumps(huge).encode())
+            store.set(experience_epoch_key(1, 0), b"\xff garbage")
             store.set(two.hello, b"{not json")
             store.set(worker_keys(3).hello, json.dumps({"schema": huge, "host": "stranger"}).encode())
         elif attack == "heartbeat":
