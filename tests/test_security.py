@@ -132,32 +132,30 @@ def test_forged_verdict_is_ignored_and_the_worker_takes_the_trainers_weights(tmp
 
 
 # ---------------------------------------------------------------------------------------------- the secret
+def join_as(env: dict, wait_s: float) -> subprocess.CompletedProcess:
+    """A process with ``env`` joining a live run's control plane; its outcome."""
+    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
+    code = f"from fabric_weightsync.control import ControlPlane; ControlPlane.join('127.0.0.1', {bootstrap.port}, {wait_s})"
+    try:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
+    finally:
+        control.close()
+
+
 @pytest.mark.timeout(60)
 def test_a_process_without_the_secret_is_refused_at_connect(tmp_path):
     """No secret in its environment and no file on this host (another temp dir): a clear error saying what to set."""
-    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
     env = clean_env(TMPDIR=str(tmp_path))
     env.pop(SECRET_ENV, None)
-    code = f"from fabric_weightsync.control import ControlPlane; ControlPlane.join('127.0.0.1', {bootstrap.port}, 10.0)"
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
-    finally:
-        control.close()
+    done = join_as(env, 10.0)
     assert done.returncode != 0
     assert "MissingSecret" in done.stderr and SECRET_ENV in done.stderr, done.stderr
 
 
 @pytest.mark.timeout(60)
-def test_a_process_with_another_secret_is_refused_at_connect(tmp_path):
-    bootstrap = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    control = ControlPlane.serve("127.0.0.1", bootstrap.port, 30.0)
-    env = clean_env(**{SECRET_ENV: "ab" * 32})
-    code = f"from fabric_weightsync.control import ControlPlane; ControlPlane.join('127.0.0.1', {bootstrap.port}, 2.0)"
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
-    finally:
-        control.close()
+def test_a_process_with_another_secret_is_refused_at_connect():
+    done = join_as(clean_env(**{SECRET_ENV: "ab" * 32}), 2.0)
     assert done.returncode != 0
     assert "not signed with this process's secret" in done.stderr and SECRET_ENV in done.stderr, done.stderr
 
