@@ -28,7 +28,11 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from typing_extensions import override
 
 from fabric_weightsync.auth import ensure_secret
-from fabric_weightsync.worker import WorkerSpec
+from fabric_weightsync.worker import LATE_REPORT_TIMEOUT_S, WorkerSpec
+
+REPORT_TIMEOUT_S = 10.0
+"""Seconds the child watcher tries to tell rank 0 that a worker died: later than that, rank 0's heartbeat monitor
+knows anyway, and the watcher must not hold this process's exit for long when rank 0 is gone."""
 
 CRASH_GRACE_S = 5.0
 """Seconds workers get to exit after training failed: they were told to stop, and one may still be printing why it
@@ -73,6 +77,7 @@ class WeightSyncScriptLauncher(_Launcher):
         self.shutdown_timeout = shutdown_timeout
         self.crash = crash
         self.children: dict[int, subprocess.Popen] = {}
+        self._watcher: Optional[_ChildWatcher] = None
 
     @property
     @override
@@ -118,11 +123,13 @@ class WeightSyncScriptLauncher(_Launcher):
             # Unlike Fabric's launcher, children die with this process: a dead rank 0 ends the run anyway,
             # and orphans would hang in collectives or wait for weights that never come.
             self.children[local_rank] = subprocess.Popen(command, env=child_env, cwd=cwd, preexec_fn=_die_with_parent)
-        _ChildWatcher(self.cluster_environment, self.worker, self.children).start()
+        self._watcher = _ChildWatcher(self.cluster_environment, self.worker, self.children)
+        self._watcher.start()
         self.crash.install()
 
     def join_children(self) -> None:
-        """At exit: wait for this node's training children, then give workers ``shutdown_timeout`` to stop.
+        """At exit: wait for this node's training children, then give workers ``shutdown_timeout`` to stop; then
+        stop the child watcher.
 
         The children die with this process (``PR_SET_PDEATHSIG``), so it must not exit before them: training
         ranks may still be finishing, and workers still taking the final version from rank 0.
@@ -131,12 +138,16 @@ class WeightSyncScriptLauncher(_Launcher):
         trainers = [proc for rank, proc in self.children.items() if not layout.is_worker(rank)]
         workers = [proc for rank, proc in self.children.items() if layout.is_worker(rank)]
         if self.crash.crashed:  # training children may be blocked in a collective with this dead rank
+            if self._watcher is not None:
+                self._watcher.watch_trainers = False  # they are killed here on purpose
             _join_or_kill(trainers, 0.0, wait=lambda proc, t: proc.wait(t))
             _join_or_kill(workers, min(CRASH_GRACE_S, self.shutdown_timeout), wait=lambda proc, t: proc.wait(t))
-            return
-        for proc in trainers:
-            proc.wait()
-        _join_or_kill(workers, self.shutdown_timeout, wait=lambda proc, t: proc.wait(t))
+        else:
+            for proc in trainers:
+                proc.wait()
+            _join_or_kill(workers, self.shutdown_timeout, wait=lambda proc, t: proc.wait(t))
+        if self._watcher is not None:
+            self._watcher.stop()
 
 
 class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
@@ -190,8 +201,8 @@ class WeightSyncSpawnLauncher(_MultiProcessingLauncher):
             mp.start_processes(self._wrapping_function, args=process_args, nprocs=layout.devices, start_method=self._start_method)
             grace = self.shutdown_timeout
         finally:
-            watcher.stop()
             _join_or_kill(workers, grace, wait=lambda proc, t: proc.join(t))
+            watcher.stop()
         return return_queue.get()
 
     @override
@@ -211,7 +222,12 @@ def _spawned_worker(worker: WorkerSpec, where: tuple[str, int, int], local_rank:
 
 
 class _ChildWatcher(threading.Thread):
-    """Reports this node's dead worker children to rank 0 at once; a dead trainer child ends the run (as Fabric)."""
+    """Reports this node's dead worker children to rank 0 at once; a dead trainer child ends the run (as Fabric).
+
+    Each report is a few store calls: :meth:`stop` must be called (and waits) before the interpreter finalizes,
+    since a daemon thread that returns from a store call while it finalizes aborts the process ("terminate
+    called without an active exception").
+    """
 
     def __init__(self, env: ClusterEnvironment, worker: WorkerSpec, children: dict, period: float = 0.2) -> None:
         super().__init__(name="fws-child-watcher", daemon=True)
@@ -220,23 +236,35 @@ class _ChildWatcher(threading.Thread):
         self.children = children
         self.period = period
         self._stopped = threading.Event()
+        self._reported: set[int] = set()
+        self.watch_trainers = True
+        """Whether a trainer child's failure kills the run (not once this process is killing them itself)."""
 
     def stop(self) -> None:
+        """Stop watching after one last look (a child that died since the previous one is still reported, briefly:
+        rank 0 may be gone) and wait for the thread, a report in flight included (each has a timeout)."""
         self._stopped.set()
+        self.join()
 
     def run(self) -> None:
-        reported: set[int] = set()
         while not self._stopped.wait(self.period):
-            for local_rank, proc in self.children.items():
-                code = proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode
-                if code is None or code == 0 or local_rank in reported:
-                    continue
-                reported.add(local_rank)
-                if self.worker.layout.is_worker(local_rank):
+            self._look(lambda: min(REPORT_TIMEOUT_S, self.worker.sync_timeout))
+        deadline = time.monotonic() + LATE_REPORT_TIMEOUT_S  # one budget for the last look, however many died
+        self._look(lambda: deadline - time.monotonic())
+
+    def _look(self, report_timeout: Callable[[], float]) -> None:
+        for local_rank, proc in self.children.items():
+            code = proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode
+            if code is None or code == 0 or local_rank in self._reported:
+                continue
+            self._reported.add(local_rank)
+            if self.worker.layout.is_worker(local_rank):
+                timeout = report_timeout()
+                if timeout > 0:
                     env = self.env
-                    self.worker.report_exit(env.main_address, env.main_port, env.node_rank(), local_rank, code)
-                else:
-                    self._terminate_all()
+                    self.worker.report_exit(env.main_address, env.main_port, env.node_rank(), local_rank, code, timeout)
+            elif self.watch_trainers and not self._stopped.is_set():
+                self._terminate_all()
 
     def _terminate_all(self) -> None:
         for proc in self.children.values():

@@ -156,7 +156,7 @@ def test_script_mode_exit_leaves_no_thread_polling_the_store(tmp_path: Path) -> 
     result = subprocess.run([sys.executable, str(script)], env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=80)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     left = re.search(r"^THREADS_AFTER_SHUTDOWN (\S+)$", result.stdout, re.MULTILINE)
-    assert left and set(left.group(1).split(",")) <= {"none", "fws-child-watcher"}, result.stdout[-2000:]
+    assert left and left.group(1) == "none", result.stdout[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------- back-pressure

@@ -17,11 +17,14 @@ the moments it killed something. Worker behaviours are chosen per worker id with
     mismatch            a policy of another architecture (its connect must fail)
     die_after_connect   SIGKILL itself right after its connect returned (before any heartbeat)
     poll_now            poll, but connect at once instead of after the usual 1 s of "building the environment"
+    raise:K             poll; after K updates, raise (worker_fn fails with a traceback); raise:end once training
+                        ended, so the worker process exits with code 1 while rank 0 exits
 
     python fault_train.py --out DIR [--devices 1] [--workers 2] [--transport auto] [--on-failure continue] ...
 """
 
 import argparse
+import atexit
 import gc
 import json
 import logging
@@ -258,6 +261,9 @@ def worker(ctx) -> None:
             killer.receive_finished(got)
         if got:
             applied.append(rx.version)
+            if name == "raise" and arg != "end" and len(applied) > int(arg or 3):
+                emit("WORKER_RAISING", worker_id=ctx.worker_id, version=rx.version)
+                raise RuntimeError(f"worker {ctx.worker_id} fails on purpose after {len(applied) - 1} updates")
             if len(applied) % 200 == 0:
                 emit("WORKER_PROGRESS", worker_id=ctx.worker_id, applied=len(applied), version=rx.version, fds=fd_count())
 
@@ -273,6 +279,9 @@ def worker(ctx) -> None:
             time.sleep(seconds)
         else:
             receive(0.5)
+    if name == "raise":
+        emit("WORKER_RAISING", worker_id=ctx.worker_id, version=rx.version)
+        raise RuntimeError(f"worker {ctx.worker_id} fails on purpose once training ended")
     # The final delivery happened before the stop flag was set; a last poll must find nothing newer.
     if name != "kill_trainer" and rx.poll():
         applied.append(rx.version)
@@ -387,8 +396,15 @@ def train(fabric: Fabric, args: argparse.Namespace) -> None:
     emit("TRAIN_DONE", rank=rank, steps=step)
 
 
+def report_threads_at_exit() -> None:
+    # Registered before the strategy's exit handler, so it runs after it: the library's threads still alive then
+    # are left to the interpreter's finalization, which aborts the process if one is inside a store call.
+    emit("EXIT_THREADS", alive=sorted(t.name for t in threading.enumerate() if t.name.startswith("fws-")))
+
+
 def main() -> None:
     args = parse_args()
+    atexit.register(report_threads_at_exit)
     if args.worker_start_delay and os.environ.get("LOCAL_RANK", "0") != "0":
         time.sleep(args.worker_start_delay)  # a slow import: the trainer's monitor is running long before
     strategy = WeightSyncStrategy(

@@ -1,8 +1,8 @@
 """Script mode (``python experience_exit.py`` + ``fabric.launch()``) with experience: two workers send three
 batches each and return, rank 0 trains on them and exits. Printed at rank 0's interpreter exit, after the
-strategy's shutdown: the library's threads still running. Only the launcher's child watcher may be (it makes
-no store call unless a child fails): a daemon thread inside a store call when the interpreter finalizes
-aborts the process, and the experience receivers and links of workers that returned poll the store.
+strategy's shutdown: the library's threads still running, which must be none: a daemon thread inside a store
+call when the interpreter finalizes aborts the process, and the experience receivers and links of workers that
+returned poll the store, as the launcher's child watcher does when it reports a failed child.
 """
 
 import atexit
