@@ -17,6 +17,9 @@ FAILURE_POLICIES = ("raise", "continue")
 MONITOR_INTERVAL_S = 0.25
 """How often the monitor looks at every worker's reports and heartbeat."""
 
+STALL_TOLERANCE_S = MONITOR_INTERVAL_S
+"""How much later than asked the monitor may look again before the delay counts as a stall of its own process."""
+
 
 class WorkerFailedError(RuntimeError):
     """An inference worker died, raised or stopped answering."""
@@ -35,7 +38,8 @@ class WorkerStatus:
     error: Optional[str] = None
     connected: bool = False
     beat: Optional[int] = None
-    """Newest heartbeat stamp seen, and when it was first seen (monotonic); reset when the worker (re)joins."""
+    """Newest heartbeat stamp seen, and when it was first seen (on the monitor's clock, see :class:`_Monitor`); reset
+    when the worker (re)joins."""
     beat_seen_at: float = 0.0
 
     @property
@@ -165,7 +169,12 @@ class Health:
 
 
 class _Monitor(threading.Thread):
-    """Declares a worker dead when it reports an error, exits, or its heartbeat stops advancing."""
+    """Declares a worker dead when it reports an error, exits, or its heartbeat stops advancing.
+
+    Silence is measured on a clock that stops while the monitor itself could not run (it looked again much later
+    than it asked to: its process or host was frozen or starved). A worker's beat thread most likely could not
+    run then either, and must get the chance to beat before the stall counts against it.
+    """
 
     def __init__(self, health: Health, store: ControlStore) -> None:
         super().__init__(name="fws-heartbeat-monitor", daemon=True)
@@ -178,8 +187,13 @@ class _Monitor(threading.Thread):
         self.join(timeout=5)
 
     def run(self) -> None:
+        stalled = 0.0
+        last = time.monotonic()
         while not self._stopped.wait(MONITOR_INTERVAL_S):
             now = time.monotonic()
+            stalled += max(0.0, now - last - MONITOR_INTERVAL_S - STALL_TOLERANCE_S)
+            last = now
+            now -= stalled
             for status in self.health.workers:
                 if not status.alive:
                     continue

@@ -449,6 +449,40 @@ def test_hung_worker_is_evicted_then_resyncs(rejoin_run):
     print(f"\nhung worker declared dead after {detection:.2f}s, back {back[0] - resumed_at:.2f}s after it resumed")
 
 
+STALL_S = 2 * HEARTBEAT_TIMEOUT
+"""How long every process of a run is frozen: twice the heartbeat timeout."""
+
+
+@pytest.mark.timeout(120)
+def test_a_stall_of_every_process_evicts_no_one(fault_run):
+    """The trainer and its workers frozen together for twice the heartbeat timeout (a host that stops running them:
+    a virtual machine paused, a loaded machine that runs none of them), the trainer resumed first: its monitor must
+    not count the stall as the workers' silence and evict them before their beat threads could run again."""
+    trainer = popen_run(
+        fault_run, "--on-failure", "continue", "--heartbeat-timeout", HEARTBEAT_TIMEOUT, "--steps", 300,
+        "--step-sleep", 0.02, "--behaviour", "0=every:0.05,1=poll",
+    )  # fmt: skip
+    fault_run.wait_for("PROGRESS", 60, lambda e: e["step"] >= 20)
+    rank0 = psutil.Process(trainer.pid)
+    workers = rank0.children(recursive=True)
+    assert len(workers) == 2, workers
+    for proc in [rank0, *workers]:
+        proc.suspend()
+    time.sleep(STALL_S)  # the scenario, not a wait for anything: everyone frozen
+    rank0.resume()
+    # The worst order: the monitor looks before the workers' beat threads run again (one monitor period later).
+    time.sleep(0.5)
+    for proc in workers:
+        proc.resume()
+    fault_run.wait_all(90)
+    wrong = first_log(trainer, r"inference worker \d failed")
+    assert wrong is None, f"a worker frozen with its trainer was declared dead: {wrong[1]}\n{fault_run.describe()}"
+    final = fault_run.one("FINAL")
+    assert trainer.returncode == 0 and final["alive"] == [True, True], final
+    assert final["delivered"] == [final["latest"]] * 2, final
+    fault_run.assert_no_survivors()
+
+
 # ---------------------------------------------------------------------------------------------- 3 + 6. trainer death
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
