@@ -201,6 +201,9 @@ class _Monitor(threading.Thread):
         elif report is not None:
             self.health.failed(status.worker_id, report)
         else:
+            # Read before the beat: a worker that connects meanwhile resets its beat, and must not be judged on the
+            # silence of its start-up.
+            connected = status.connected
             beat = self._store.add(keys.heartbeat, 0)
             if beat != status.beat:
                 status.beat, status.beat_seen_at = beat, now
@@ -208,5 +211,5 @@ class _Monitor(threading.Thread):
             # A worker that connected has been beating since before its connect; one that never connected may
             # still be starting up (imports, building envs), which is not a failure.
             silent = now - status.beat_seen_at
-            if status.connected and silent > self.health.heartbeat_timeout:
+            if connected and silent > self.health.heartbeat_timeout:
                 self.health.failed(status.worker_id, f"no heartbeat for {silent:.1f}s (process killed or hung)")
