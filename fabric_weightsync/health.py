@@ -210,6 +210,9 @@ class _Monitor(threading.Thread):
         elif report is not None:
             self.health.failed(status.worker_id, report)
         else:
+            # Read before the beat: a worker that connects meanwhile resets its beat, and must not be judged on the
+            # silence of its start-up.
+            connected = status.connected
             beat = self._store.read(keys.heartbeat)
             stamp = int(beat) if beat is not None and beat.isdigit() else -1
             if status.beat is None or stamp > status.beat:  # silence counts from connect; a replayed stamp is no beat
@@ -218,5 +221,5 @@ class _Monitor(threading.Thread):
             # A worker that connected has been beating since before its connect; one that never connected may
             # still be starting up (imports, building envs), which is not a failure.
             silent = now - status.beat_seen_at
-            if status.connected and silent > self.health.heartbeat_timeout:
+            if connected and silent > self.health.heartbeat_timeout:
                 self.health.failed(status.worker_id, f"no heartbeat for {silent:.1f}s (process killed or hung)")
