@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -24,7 +25,7 @@ from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import FAILURE_POLICIES, FailurePolicy, WorkerFailedError
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
 from fabric_weightsync.messages import MessagePublisher
-from fabric_weightsync.protocol import SLOW_POLL_S, poll_until, worker_keys
+from fabric_weightsync.protocol import END_GRACE_S, SLOW_POLL_S, poll_until, worker_keys
 from fabric_weightsync.scheme import TRANSPORTS, WeightSyncScheme, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
 from fabric_weightsync.worker import WorkerContext, WorkerSpec
@@ -418,15 +419,18 @@ def _check_picklable(worker_fn: Callable, start_method: str) -> None:
 
 
 def _wait_for_exits(control: ControlPlane, scheme: WeightSyncScheme, timeout: float, meanwhile: Callable[[], None]) -> None:
-    """Wait for the exit report of every live worker, calling ``meanwhile`` between looks."""
-    keys = [worker_keys(status.rank).exit for status in scheme.workers if status.alive]
-    if not keys:
+    """Wait for the exit report of every live worker, calling ``meanwhile`` between looks; a worker that failed
+    gets a short grace too (one refused at connect still has to read why from this rank's store)."""
+    live = [worker_keys(status.rank).exit for status in scheme.workers if status.alive]
+    failed = [worker_keys(status.rank).exit for status in scheme.workers if not status.alive]
+    if not live and not failed:
         return
     client = control.client()
+    grace_ends = time.monotonic() + min(END_GRACE_S, timeout)
 
     def exited() -> bool:
         meanwhile()
-        return client.check(keys)
+        return client.check(live) and (time.monotonic() >= grace_ends or client.check(failed))
 
     try:
         if poll_until(exited, timeout, max_pause=SLOW_POLL_S):
