@@ -68,11 +68,11 @@ def new_run_id() -> str:
     return secrets.token_hex(16)
 
 
-def refuse(key: str, why: str = "its value is not signed by this run's secret") -> None:
-    """Say once per process that ``key`` was ignored, and why."""
+def _refuse(key: str) -> None:
+    """Say once per process that ``key`` was ignored because its value is not this run's."""
     if key not in _warned:
         _warned.add(key)
-        log.warning("fabric_weightsync: ignored store key %r: %s", key, why)
+        log.warning("fabric_weightsync: ignored store key %r: its value is not signed by this run's secret", key)
 
 
 class ControlStore:
@@ -146,7 +146,7 @@ class ControlStore:
             return stored
         value = self.credentials.open(key, stored)
         if value is None:
-            refuse(key)
+            _refuse(key)
         return value
 
     def delete_key(self, key: str) -> bool:
