@@ -40,6 +40,18 @@ class ProcessLayout:
     def launch_rank(self, node_rank: int, local_rank: int) -> int:
         return node_rank * self.processes_per_node + local_rank
 
+    def node_of(self, worker_id: int) -> int:
+        """The node worker ``worker_id`` runs on."""
+        return worker_id // self.workers_per_node
+
+    def node_workers(self, node_rank: int) -> range:
+        """The ids of the workers on node ``node_rank``."""
+        return range(node_rank * self.workers_per_node, (node_rank + 1) * self.workers_per_node)
+
+    def node_sender(self, node_rank: int) -> int:
+        """The global training rank of node ``node_rank``'s local training rank 0, which serves that node's workers."""
+        return node_rank * self.devices
+
 
 class TrainingWorldEnvironment(ClusterEnvironment):
     """Wraps the detected cluster environment so that Fabric's world is the training processes only.

@@ -51,28 +51,36 @@ class ExperienceBatch:
 
 @dataclass(frozen=True)
 class ExperienceRoutes:
-    """Which training ranks each worker sends to: worker ``w`` and rank ``r`` are linked when
-    ``w % m == r % m``, with ``m = min(num_workers, num_training_ranks)``.
+    """Which training ranks each worker sends to: a node's workers send to that node's training ranks only, and
+    there worker ``w`` and rank ``r`` are linked when ``w % m == r % m`` (node-local indices), with
+    ``m = min(workers, training ranks)`` of a node.
 
-    With at least as many workers as ranks, worker ``w`` sends to rank ``w % num_training_ranks`` only. With fewer,
-    each rank hears exactly one worker, and a worker sends each batch to whichever of its ranks has room: every
-    rank is fed, and ranks that take the same number of batches per update get them at the same pace.
+    With at least as many workers as ranks, a worker sends to one rank only. With fewer, each rank hears exactly
+    one worker, and a worker sends each batch to whichever of its ranks has room: every rank is fed, and ranks that
+    take the same number of batches per update get them at the same pace.
     """
 
     num_workers: int
     num_training_ranks: int
+    num_nodes: int = 1
 
     @property
-    def _period(self) -> int:
-        return max(1, min(self.num_workers, self.num_training_ranks))
+    def _per_node(self) -> tuple[int, int, int]:
+        """Workers and training ranks per node, and the period that links them."""
+        workers, ranks = self.num_workers // self.num_nodes, self.num_training_ranks // self.num_nodes
+        return workers, ranks, max(1, min(workers, ranks))
 
     def ranks_of(self, worker_id: int) -> list[int]:
         """The training ranks ``worker_id`` sends to."""
-        return [r for r in range(self.num_training_ranks) if r % self._period == worker_id % self._period]
+        workers, ranks, period = self._per_node
+        node, local = divmod(worker_id, workers)
+        return [node * ranks + r for r in range(ranks) if r % period == local % period]
 
     def workers_of(self, rank: int) -> list[int]:
         """The workers training rank ``rank`` receives from."""
-        return [w for w in range(self.num_workers) if w % self._period == rank % self._period]
+        workers, ranks, period = self._per_node
+        node, local = divmod(rank, ranks)
+        return [node * workers + w for w in range(workers) if w % period == local % period]
 
 
 def _display(path: Path) -> str:

@@ -1,8 +1,8 @@
 """A training rank's end of the experience path: a bounded stream of batches from its workers.
 
 Each training rank receives from the workers that :class:`~fabric_weightsync.experience.ExperienceRoutes` gives
-it (worker ``i`` sends to rank ``i % num_training_ranks`` when there are at least as many workers as ranks; with
-fewer, a worker feeds several ranks, each batch going to one with room). One receiver thread per worker accepts the
+it (a worker sends to training ranks of its own node: to one when a node has at least as many workers as ranks;
+with fewer, a worker feeds several ranks, each batch going to one with room). One receiver thread per worker accepts the
 worker's schema, then posts a receive (and grants the worker a credit through the store) only while the stream's
 queue has room: **workers block** when the trainer is slower than they are, and memory on this rank stays at
 ``capacity`` x the batch size. Store keys and group names are those of :mod:`~fabric_weightsync.protocol`.
@@ -67,8 +67,7 @@ class ExperienceStream:
 
     Args:
         rank: this training rank.
-        num_training_ranks: training ranks in the run.
-        num_workers: inference workers in the run.
+        routes: which workers send to which training ranks.
         open_store: opens a new client of the control store.
         policy_version: this rank's current policy version (for ``max_staleness``).
         on_worker_failure: ``"raise"``: a failed worker raises :class:`WorkerFailedError` from the next take;
@@ -89,8 +88,7 @@ class ExperienceStream:
         self,
         *,
         rank: int,
-        num_training_ranks: int,
-        num_workers: int,
+        routes: ExperienceRoutes,
         open_store: Callable[[], ControlStore],
         policy_version: Callable[[], int],
         on_worker_failure: FailurePolicy = "raise",
@@ -101,8 +99,7 @@ class ExperienceStream:
         max_batch_bytes: Optional[int] = None,
     ) -> None:
         self.rank = rank
-        self.num_training_ranks = num_training_ranks
-        self.worker_ids = ExperienceRoutes(num_workers, num_training_ranks).workers_of(rank)
+        self.worker_ids = routes.workers_of(rank)
         if capacity is not None and capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         if max_staleness is not None and max_staleness < 0:

@@ -4,7 +4,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Callable, Collection, Literal, Optional, Sequence
 
 from fabric_weightsync.auth import ControlStore
 from fabric_weightsync.protocol import WorkerKeys, worker_keys
@@ -41,6 +41,9 @@ class WorkerStatus:
     """Newest heartbeat stamp seen, and when it was first seen (on the monitor's clock, see :class:`_Monitor`); reset
     when the worker (re)joins."""
     beat_seen_at: float = 0.0
+    bytes_sent: int = 0
+    """Bytes of weights this process sent to the worker (0 for a worker that reads shared memory or that another
+    node's sender serves)."""
 
     @property
     def rank(self) -> int:
@@ -77,25 +80,30 @@ class Health:
     """The workers' statuses and the failure policy; notifies ``conditions`` whenever a status changes.
 
     Args:
-        num_workers: workers ``0 .. num_workers - 1``.
+        worker_ids: the workers this process knows the status of.
         on_worker_failure: ``"raise"``: :meth:`raise_if_failed` raises :class:`WorkerFailedError` once per failure;
             ``"continue"``: failures are logged only.
         heartbeat_timeout: a connected worker whose heartbeat is older than this is declared dead.
         open_store: opens a new client of the control store.
         conditions: conditions (sharing one lock) to notify after a change; the first guards the statuses.
+        watched: the workers whose heartbeats and exit reports the monitor reads (default: all); the others' statuses
+            come from their node's sender through :meth:`mirror`.
     """
 
     def __init__(
         self,
-        num_workers: int,
+        worker_ids: Sequence[int],
         on_worker_failure: FailurePolicy,
         heartbeat_timeout: float,
         open_store: Callable[[], ControlStore],
         conditions: tuple[threading.Condition, ...],
+        watched: Optional[Collection[int]] = None,
     ) -> None:
         if on_worker_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_worker_failure must be one of {FAILURE_POLICIES}, got {on_worker_failure!r}")
-        self.workers = [WorkerStatus(i) for i in range(num_workers)]
+        self.workers = [WorkerStatus(i) for i in worker_ids]
+        self._by_id = {status.worker_id: status for status in self.workers}
+        self.watched = [self._by_id[i] for i in (worker_ids if watched is None else watched)]
         self.on_worker_failure = on_worker_failure
         self.heartbeat_timeout = heartbeat_timeout
         self._open_store = open_store
@@ -103,15 +111,25 @@ class Health:
         self._raised: set[int] = set()
         self.on_failed: Callable[[int], Callable[[], None]] = lambda worker_id: lambda: None
         """Called under the lock with a failed worker's id; what it returns is called once the lock is released."""
+        self.on_look: list[Callable[[ControlStore], None]] = []
+        """Called by the monitor after each look at the workers, and once more when it stops, with its store."""
         self._monitor: Optional[_Monitor] = None
+        self._evictions: Optional[ControlStore] = None
+        self._evictions_lock = threading.Lock()
+
+    def status(self, worker_id: int) -> WorkerStatus:
+        return self._by_id[worker_id]
 
     def start_monitor(self) -> None:
+        # Evictions go through a client opened now: a new one would retry connecting to a store gone with rank 0.
+        self._evictions = self._open_store()
         self._monitor = _Monitor(self, self._open_store())
         self._monitor.start()
 
     def stop_monitor(self) -> None:
         if self._monitor is not None:
             self._monitor.stop()
+            self._monitor.last_look()
 
     def joined(self, status: WorkerStatus) -> None:
         """A worker (re)connected: serve it again from the newest version."""
@@ -129,9 +147,10 @@ class Health:
             status.acked_version = version
             self._notify()
 
-    def failed(self, worker_id: int, reason: str, error: bool = True) -> None:
-        """Mark a worker gone (idempotent) and stop serving it; ``error`` ones count for the failure policy."""
-        status = self.workers[worker_id]
+    def failed(self, worker_id: int, reason: str, error: bool = True, evict: bool = True) -> None:
+        """Mark a worker gone (idempotent) and stop serving it; ``error`` ones count for the failure policy;
+        ``evict``: tell the worker, which reconnects if it still runs (its node's sender does that for a mirror)."""
+        status = self._by_id[worker_id]
         with self._conditions[0]:
             if not status.alive:
                 return
@@ -141,10 +160,24 @@ class Health:
             self._notify()
         log.warning("fabric_weightsync: inference worker %d %s: %s", worker_id, "failed" if error else "left", reason)
         stop_serving()
+        if not evict:
+            return
         try:  # a worker that is only slow or was cut off reconnects (full resync) when it sees this
-            self._open_store().set(worker_keys(status.rank).evicted, reason.encode())
+            with self._evictions_lock:
+                self._evictions.set(worker_keys(status.rank).evicted, reason.encode())
         except Exception:  # the store is shutting down with the trainer
             pass
+
+    def mirror(self, worker_id: int, delivered: int, alive: bool, error: Optional[str], connected: bool) -> None:
+        """Take a worker's status as its node's sender reports it."""
+        status = self._by_id[worker_id]
+        if alive and not status.alive:
+            self.joined(status)
+        with self._conditions[0]:
+            status.connected, status.acked_version = connected, delivered
+            self._notify()
+        if not alive and status.alive:
+            self.failed(worker_id, error or "worker_fn returned before training ended", error=error is not None, evict=False)
 
     def raise_if_failed(self) -> None:
         """Raise :class:`WorkerFailedError` for a failure not raised yet (under ``on_worker_failure="raise"``)."""
@@ -194,13 +227,26 @@ class _Monitor(threading.Thread):
             stalled += max(0.0, now - last - MONITOR_INTERVAL_S - STALL_TOLERANCE_S)
             last = now
             now -= stalled
-            for status in self.health.workers:
-                if not status.alive:
-                    continue
-                try:
-                    self._check(status, now)
-                except Exception:  # store shutting down with the trainer
-                    return
+            try:
+                for status in self.health.watched:
+                    if status.alive:
+                        self._check(status, now)
+                self._look()
+            except Exception:  # store shutting down with the trainer
+                return
+
+    def last_look(self) -> None:
+        """Run the look hooks once more (a node sender's final report), if the store still answers."""
+        if self.is_alive():  # stuck in a store call past stop(): its client is busy
+            return
+        try:
+            self._look()
+        except Exception:  # store shutting down with the trainer
+            pass
+
+    def _look(self) -> None:
+        for hook in self.health.on_look:
+            hook(self._store)
 
     def _check(self, status: WorkerStatus, now: float) -> None:
         keys = worker_keys(status.rank)

@@ -39,12 +39,20 @@ class Links:
         open_store: opens a new client of the control store.
         transport_for: makes the transport of each connection.
         timeout: seconds a live worker's link gets to finish at :meth:`close` (at most 5).
+        latest_key: the store key that holds the newest version for workers served over a group.
     """
 
     def __init__(
-        self, staging: Staging, health: Health, open_store: Callable[[], ControlStore], transport_for: TransportFactory, timeout: float
+        self,
+        staging: Staging,
+        health: Health,
+        open_store: Callable[[], ControlStore],
+        transport_for: TransportFactory,
+        timeout: float,
+        latest_key: str = protocol.LATEST_KEY,
     ) -> None:
         self.staging = staging
+        self.latest_key = latest_key
         self.timeout = timeout
         self.health = health
         self.open_store = open_store
@@ -54,16 +62,18 @@ class Links:
         """Workers served over a process group: a push may have to reach the latest-version key for them."""
         self.idle_group_links = 0
         """Of those, links waiting for a newer version: their workers hold no update a push could supersede."""
-        self._links = [_WorkerLink(self, status, 0) for status in health.workers]
+        self._links = {status.worker_id: _WorkerLink(self, status, 0) for status in health.watched}
         self._parked: dict[int, tuple[DistributedTransport, int]] = {}
         """Connections of workers that serve themselves, with their number, while they live (no thread serves them)."""
         self._doorbell = _Doorbell(self)
+        self._abort_store: Optional[ControlStore] = None
+        self._abort_lock = threading.Lock()
         health.on_failed = self.stopper
 
     @property
     def threads(self) -> list[threading.Thread]:
         """The link threads, worker by worker (a parked connection's has ended)."""
-        return list(self._links)
+        return list(self._links.values())
 
     def sent_version(self, worker_id: int) -> int:
         """The version last sent to worker ``worker_id`` (its current connection's)."""
@@ -71,8 +81,11 @@ class Links:
         return transport.version if transport is not None else -1
 
     def start(self) -> None:
+        # One client for every abort, opened now: at close, after a crash, the store may be gone, and a new client
+        # would retry connecting for the whole timeout where an open one fails at once.
+        self._abort_store = self.open_store()
         self._doorbell.start()
-        for link in self._links:
+        for link in self._links.values():
             link.start()
 
     def announce(self) -> None:
@@ -87,7 +100,9 @@ class Links:
         parked = self._parked.pop(worker_id, None)
         if parked is not None:
             return functools.partial(self._unpark, worker_id, *parked)
-        link = self._links[worker_id]
+        link = self._links.get(worker_id)
+        if link is None:  # another node's sender serves it
+            return lambda: None
         return functools.partial(link.abort, link.transport)
 
     def park(self, status: WorkerStatus, transport: DistributedTransport, epoch: int) -> bool:
@@ -113,10 +128,10 @@ class Links:
         for transport, _ in parked:
             transport.close()
         self._doorbell.stop()
-        for link in self._links:
+        for link in self._links.values():
             link.abort()
         dead_deadline = time.monotonic() + DEAD_LINK_JOIN_S
-        for link in self._links:
+        for link in self._links.values():
             # A dead worker's link may sit in a transfer that only its timeout ends (it is a daemon thread): it gets
             # a moment, enough to leave its wait for a reconnection (a thread inside a store call when the
             # interpreter finalizes aborts the process).
@@ -161,6 +176,7 @@ class _WorkerLink(threading.Thread):
         self.epoch = epoch
         """The number of the worker's connection this link serves first."""
         self.transport: Optional[DistributedTransport] = None
+        self._sent_before = 0
 
     def abort(self, transport: Optional[DistributedTransport] = None) -> None:
         """Wake this link wherever it waits on ``transport`` (default: its current one; called from other threads)."""
@@ -168,7 +184,8 @@ class _WorkerLink(threading.Thread):
         if transport is None:
             return
         try:
-            transport.abort(self.links.open_store())
+            with self.links._abort_lock:
+                transport.abort(self.links._abort_store)
         except Exception:  # the store is gone: the link is exiting anyway
             pass
 
@@ -198,10 +215,11 @@ class _WorkerLink(threading.Thread):
         if links.closing:
             return False
         links.health.joined(self.status)
+        self._sent_before = self.status.bytes_sent
         with staging.pin_latest() as wire:
             transport.setup_connection_and_weights_on_sender(wire)
             version = wire.version
-        links.health.delivered(self.status, version)
+        self._delivered(transport, version)
         if transport.applied_row is not None:
             return self._serve_self_served(transport)
         staging.exempt(self.status.rank)
@@ -228,8 +246,12 @@ class _WorkerLink(threading.Thread):
         # A busy worker is fine and an armed one answers when it next polls: wait as long as it lives.
         self._patiently(lambda: transport.send_weights_async(self.links.staging))
         if self._patiently(transport.wait_ack):
-            self.links.health.delivered(self.status, transport.version)
+            self._delivered(transport, transport.version)
         transport.tidy()  # now, rather than on the way of the next send
+
+    def _delivered(self, transport: DistributedTransport, version: int) -> None:
+        self.status.bytes_sent = self._sent_before + transport.bytes_sent
+        self.links.health.delivered(self.status, version)
 
     def _patiently(self, wait: Callable[[], object]) -> object:
         """Wait as long as the worker lives: a busy worker is fine, a dead one is the monitor's to declare."""
@@ -280,6 +302,6 @@ class _Doorbell(threading.Thread):
             if not due:
                 continue
             try:
-                self._store.set(protocol.LATEST_KEY, str(staging.latest_version).encode())
+                self._store.set(self.links.latest_key, str(staging.latest_version).encode())
             except Exception:  # the store is shutting down with the trainer
                 pass

@@ -23,7 +23,8 @@ STOP_KEY = "fws/stop"
 ENDED_KEY = "fabric_weightsync/ended"
 """In the rendezvous store: training rank 0 has shut down, so a worker that starts now has nothing to join."""
 LATEST_KEY = "fws/latest"
-"""The newest version training rank 0 has staged, kept while a worker served over a group holds an unanswered update."""
+"""The newest version training rank 0 has staged, kept while a worker served over a group holds an unanswered update
+(a node sender's is :func:`latest_key` of its node)."""
 MESSAGES_KEY = "fws/messages"
 """Training rank 0's messages to the workers: one JSON object of every value published, rewritten whole by each publish
 (see :mod:`~fabric_weightsync.messages`)."""
@@ -115,6 +116,25 @@ def experience_key(worker_id: int, rank: int, epoch: int, name: str) -> str:
 
 def experience_group_name(worker_id: int, rank: int, epoch: int) -> str:
     return f"fws/exp/{worker_id}/{rank}/{epoch}"
+
+
+def latest_key(node_rank: int) -> str:
+    """The newest version node ``node_rank``'s sender staged (see :data:`LATEST_KEY`)."""
+    return LATEST_KEY if node_rank == 0 else f"{LATEST_KEY}/{node_rank}"
+
+
+def node_report_key(node_rank: int) -> str:
+    """The statuses of node ``node_rank``'s workers as its sender sees them (JSON, rewritten when they change)."""
+    return f"fws/node/{node_rank}/workers"
+
+
+def replica_key(version: int, node_rank: int) -> str:
+    """Node ``node_rank``'s checksum of the weights it pushed as ``version`` (or :data:`SKIPPED`)."""
+    return f"fws/replica/{version}/{node_rank}"
+
+
+SKIPPED = b"skipped"
+"""A node's answer for a version it did not checksum (its previous check was still running)."""
 
 
 def worker_log_key(worker_id: int) -> str:

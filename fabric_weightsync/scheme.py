@@ -8,7 +8,7 @@ never touches the network or the store. Worker health and the failure policy liv
 
 import threading
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,9 @@ import fabric_weightsync.protocol as protocol
 from fabric_weightsync.control import ControlPlane
 from fabric_weightsync.health import FailurePolicy, Health, WorkerStatus
 from fabric_weightsync.links import Links
+from fabric_weightsync.node_reports import NodeMirror, NodeReporter
 from fabric_weightsync.protocol import poll_until
+from fabric_weightsync.replicas import ReplicaCheck
 from fabric_weightsync.staging import Staging
 from fabric_weightsync.transport import DistributedTransport
 
@@ -52,11 +54,12 @@ def split_transport(transport: str) -> TransportChoice:
 
 
 class WeightSyncScheme:
-    """Delivers the newest weights of one module to every worker, never blocking the trainer.
+    """Delivers the newest weights of one module to every worker (or every worker of one node), never blocking the
+    trainer.
 
     Args:
         control: the control plane (store) the workers joined.
-        num_workers: how many workers to serve; worker ``i`` uses transport rank ``i + 1``.
+        num_workers: workers in the run; worker ``i`` uses transport rank ``i + 1``.
         transport: ``"auto"`` (shared memory for workers on this host, gloo for the others), ``"shm"``, ``"gloo"``
             or ``"nccl"`` (process groups only).
         timeout: seconds for each blocking step of a transfer (connect, send, ack).
@@ -65,6 +68,13 @@ class WeightSyncScheme:
             ``"continue"``: log it and keep serving the others.
         checksum: stamp each version with a CRC32 that workers verify before applying (never on the trainer thread).
         flatten_weights: move the module's weights into one storage laid out like the wire, so a push is one copy.
+        served: the workers this scheme serves (default: all); with node senders, those of ``node_rank``.
+        node_rank: the node whose workers it serves; a node other than 0 reports their statuses to global rank 0.
+        mirrored: global rank 0 with node senders: every other node's workers, by node, whose statuses it takes from
+            their senders' reports (see :mod:`~fabric_weightsync.node_reports`).
+        verify_replicas: with node senders, checksum every N-th version pushed and compare the nodes' checksums on
+            global rank 0 (see :mod:`~fabric_weightsync.replicas`).
+        num_nodes: nodes in the run.
     """
 
     def __init__(
@@ -78,6 +88,11 @@ class WeightSyncScheme:
         on_worker_failure: FailurePolicy = "raise",
         checksum: bool = False,
         flatten_weights: bool = True,
+        served: Optional[Sequence[int]] = None,
+        node_rank: int = 0,
+        mirrored: Optional[dict[int, Sequence[int]]] = None,
+        verify_replicas: Optional[int] = None,
+        num_nodes: int = 1,
     ) -> None:
         self.backend, self.channel, self._shared_staging = split_transport(transport)
         self.control = control
@@ -88,14 +103,30 @@ class WeightSyncScheme:
         # Links sleep on a condition of their own over the same lock: an ack, which wakes flush(), would otherwise
         # wake every waiting link for nothing. A failure wakes both.
         self._acked, self._pushed = threading.Condition(lock), threading.Condition(lock)
-        self.health = Health(num_workers, on_worker_failure, heartbeat_timeout, control.client, (self._acked, self._pushed))
+        served = list(range(num_workers) if served is None else served)
+        mirrored = mirrored or {}
+        known = served + [w for workers in mirrored.values() for w in workers]
+        conditions = (self._acked, self._pushed)
+        self.health = Health(known, on_worker_failure, heartbeat_timeout, control.client, conditions, watched=served)
+        if mirrored:
+            self.health.on_look.append(NodeMirror(self.health, mirrored))
+        if node_rank > 0:
+            self.health.on_look.append(NodeReporter(node_rank, self.health.watched))
+        self.node_rank = node_rank
+        self._verify = (verify_replicas, num_nodes) if verify_replicas and num_nodes > 1 else None
         self.staging: Optional[Staging] = None
         self._links: Optional[Links] = None
+        self._replicas: Optional[ReplicaCheck] = None
 
     @property
     def workers(self) -> list[WorkerStatus]:
-        """Every worker's status, with its ``delivered_version``."""
+        """The status of every worker this scheme serves or mirrors, with its ``delivered_version``."""
         return self.health.workers
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of weights this process sent to its workers so far (what crossed a connection, not shared memory)."""
+        return sum(status.bytes_sent for status in self.health.watched)
 
     @property
     def links(self) -> Optional[Links]:
@@ -118,14 +149,23 @@ class WeightSyncScheme:
         # Staging lives where the data plane reads it: host memory (shared files when workers may read them there;
         # a GPU trainer pays one device-to-host copy per push), or the GPU for nccl.
         device = sources[0].device if self.backend == "nccl" and sources else torch.device("cpu")
+        ranks = max(status.rank for status in self.health.watched)
         self.staging = Staging(
-            module, workers=len(self.workers), shared=self._shared_staging, device=device, checksum=self.checksum,
+            module, workers=ranks, shared=self._shared_staging, device=device, checksum=self.checksum,
             flatten=self.flatten_weights, pushed=self._pushed,
         )  # fmt: skip
+        served = {status.rank for status in self.health.watched}
+        for rank in set(range(1, ranks + 1)) - served:  # board rows of other nodes' workers: nobody reads from here
+            self.staging.exempt(rank)
         self.staging.start(version)
         self.health.start_monitor()
-        self._links = Links(self.staging, self.health, self.control.client, self._transport_for, self.timeout)
+        latest_key = protocol.latest_key(self.node_rank)
+        self._links = Links(self.staging, self.health, self.control.client, self._transport_for, self.timeout, latest_key)
         self._links.start()
+        if self._verify is not None:
+            every, num_nodes = self._verify
+            self._replicas = ReplicaCheck(self.staging, self.control.client, self.node_rank, num_nodes, every, self.timeout)
+            self._replicas.start()
 
     def push(self, version: int) -> bool:
         """Stage the module's weights as ``version`` for every worker; returns whether it was staged now.
@@ -134,8 +174,11 @@ class WeightSyncScheme:
         buffers are busy the version is remembered and staged by the next push or by :meth:`flush`. Raises
         :class:`~fabric_weightsync.health.WorkerFailedError` for a failed worker under ``on_worker_failure="raise"``.
         """
-        self.health.raise_if_failed()
-        return self.staging.stage(version, self._links.announce)
+        self.raise_if_failed()
+        staged = self.staging.stage(version, self._links.announce)
+        if staged and self._replicas is not None:
+            self._replicas.pushed(version)
+        return staged
 
     def note(self, version: int) -> None:
         """Record that the module is now at ``version`` without staging it; :meth:`flush` will deliver it."""
@@ -164,7 +207,15 @@ class WeightSyncScheme:
             return unready()
 
     def raise_if_failed(self) -> None:
+        """Raise a worker's failure (under ``on_worker_failure="raise"``) or a replica mismatch, once each."""
         self.health.raise_if_failed()
+        if self._replicas is not None:
+            self._replicas.raise_if_failed()
+
+    @property
+    def replicas_compared(self) -> int:
+        """Versions whose checksums global rank 0 compared across the node senders so far."""
+        return self._replicas.compared if self._replicas is not None else 0
 
     def report_late_failures(self) -> None:
         """After :meth:`close` and the workers' exit: fail workers whose error arrived after the monitor stopped."""
@@ -174,6 +225,8 @@ class WeightSyncScheme:
         """Stop every link and the monitor (call :meth:`flush` first for a final delivery)."""
         if self._links is not None:
             self._links.close()
+        if self._replicas is not None:
+            self._replicas.stop()
         self.health.stop_monitor()
         if self.staging is not None:
             self.staging.close()
@@ -188,5 +241,5 @@ class WeightSyncScheme:
             channel=self.channel,
             timeout=self.timeout,
             group_name=protocol.weights_group_name(status.rank, epoch),
-            latest_key=protocol.LATEST_KEY,
+            latest_key=protocol.latest_key(self.node_rank),
         )

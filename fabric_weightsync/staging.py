@@ -146,10 +146,7 @@ class Staging:
     @contextlib.contextmanager
     def pin_latest(self) -> Iterator[WireBuffer]:
         """The newest buffer, stamped with its checksum if they are on, never rewritten while the context lasts."""
-        with self.pushed:
-            self.wait_for_push(lambda: self._writing != self._latest)  # a push overwriting the newest: its end rings
-            index = self._latest
-            self._pins[index] += 1
+        index = self.pin_newest()
         try:
             wire = self.buffers[index]
             if self.checksum:
@@ -159,8 +156,18 @@ class Staging:
                         self._sealed[index] = wire.version
             yield wire
         finally:
-            with self.pushed:
-                self._pins[index] -= 1
+            self.unpin(index)
+
+    def pin_newest(self) -> int:
+        """Keep the newest buffer from being rewritten until :meth:`unpin`; returns its index."""
+        with self.pushed:
+            self.wait_for_push(lambda: self._writing != self._latest)  # a push overwriting the newest: its end rings
+            self._pins[self._latest] += 1
+            return self._latest
+
+    def unpin(self, index: int) -> None:
+        with self.pushed:
+            self._pins[index] -= 1
 
     def publish_latest(self) -> int:
         """Stamp and publish the newest buffer to shared-memory workers (checksums on); returns its version."""

@@ -90,6 +90,14 @@ class WeightSyncStrategy(DDPStrategy):
         ready_timeout: seconds that wait may take (default: ``sync_timeout``); then ``on_worker_failure="raise"``
             raises ``TimeoutError`` naming each missing worker and how far it got, ``"continue"`` logs it and
             starts without them.
+        node_senders: with several nodes, each node's local training rank 0 serves that node's workers from its own
+            DDP replica of the synced module, so no weights cross the network (default). Every training rank holds
+            the same weights after each optimizer step under DDP; turn it off where that does not hold (weights
+            changed on some ranks only), and global rank 0 serves every worker.
+        verify_replicas: with node senders, every N-th version each node sender checksums the weights it pushed and
+            global rank 0 compares them, raising :class:`~fabric_weightsync.replicas.ReplicaMismatchError` naming the
+            node at its next push if they differ (off by default: a checksum reads all the weights, on a thread of
+            each node sender).
         **ddp_kwargs: everything :class:`~lightning.fabric.strategies.DDPStrategy` accepts.
     """
 
@@ -108,6 +116,8 @@ class WeightSyncStrategy(DDPStrategy):
         flatten_weights: bool = True,
         wait_for_workers: bool = True,
         ready_timeout: Optional[float] = None,
+        node_senders: bool = True,
+        verify_replicas: Optional[int] = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
@@ -124,6 +134,8 @@ class WeightSyncStrategy(DDPStrategy):
         self.worker_fn = _import_worker_fn(worker_fn) if isinstance(worker_fn, str) else worker_fn
         if not callable(self.worker_fn):
             raise TypeError(f"worker_fn must be a function taking a WorkerContext (or 'module:function'), got {worker_fn!r}")
+        if verify_replicas is not None and (isinstance(verify_replicas, bool) or not isinstance(verify_replicas, int) or verify_replicas < 1):
+            raise ValueError(f"verify_replicas must be an integer of at least 1 (check every N-th version) or None, got {verify_replicas!r}")
         if start_method in ("spawn", "forkserver"):
             _check_picklable(self.worker_fn, start_method)
         super().__init__(start_method=start_method, **ddp_kwargs)
@@ -138,6 +150,8 @@ class WeightSyncStrategy(DDPStrategy):
         self.flatten_weights = flatten_weights
         self.wait_for_workers = wait_for_workers
         self.ready_timeout = sync_timeout if ready_timeout is None else ready_timeout
+        self.node_senders = node_senders
+        self.verify_replicas = verify_replicas
         self.crash = TrainingCrash()
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
@@ -158,8 +172,19 @@ class WeightSyncStrategy(DDPStrategy):
 
     @property
     def scheme(self) -> Optional[WeightSyncScheme]:
-        """The sender side on training rank 0 (``None`` on other ranks and before ``fabric.setup``)."""
+        """The sender side: on training rank 0, and with node senders on each node's local training rank 0 (``None``
+        on other ranks and before ``fabric.launch``). Global rank 0's lists every worker's status."""
         return self._scheme
+
+    @property
+    def serves_node(self) -> bool:
+        """Whether this training rank serves its node's workers: each node's local rank 0 with node senders and
+        several nodes, else global rank 0 alone (serving every worker)."""
+        return self.global_rank == 0 or (self._fans_out and self.local_rank == 0)
+
+    @property
+    def _fans_out(self) -> bool:
+        return self.node_senders and self.num_nodes > 1
 
     def worker_spec(self) -> WorkerSpec:
         """What launchers need to run this node's workers."""
@@ -184,16 +209,8 @@ class WeightSyncStrategy(DDPStrategy):
         super().setup_environment()
         if self.global_rank == 0:
             self._control = ControlPlane.serve(self._main_address(), self.cluster_environment.main_port, self.sync_timeout)
-            self._scheme = WeightSyncScheme(
-                self._control,
-                self.layout.num_workers,
-                transport=self.transport,
-                timeout=self.sync_timeout,
-                heartbeat_timeout=self.heartbeat_timeout,
-                on_worker_failure=self.on_worker_failure,
-                checksum=self.checksum,
-                flatten_weights=self.flatten_weights,
-            )
+        if self.serves_node:
+            self._scheme = self._new_scheme()
             self.crash.install()
         if not self._exit_hooked:  # one hook, whose steps run in a fixed order (see _at_exit)
             self._exit_hooked = True
@@ -205,6 +222,28 @@ class WeightSyncStrategy(DDPStrategy):
         if self._scheme is not None and self._scheme.module is None:
             self._serve(module)
         return wrapped
+
+    def _new_scheme(self) -> WeightSyncScheme:
+        """This rank's sender: of every worker, or of its node's workers (global rank 0 then mirrors the others)."""
+        layout, node = self.layout, self.node_rank if self._fans_out else 0
+        served = layout.node_workers(node) if self._fans_out else range(layout.num_workers)
+        mirrored = {n: layout.node_workers(n) for n in range(1, layout.num_nodes)} if self._fans_out and node == 0 else None
+        return WeightSyncScheme(
+            self.control_plane(),
+            layout.num_workers,
+            transport=self.transport,
+            timeout=self.sync_timeout,
+            heartbeat_timeout=self.heartbeat_timeout,
+            # Global rank 0 applies the failure policy for every worker; a node sender reports its workers there.
+            on_worker_failure=self.on_worker_failure if self.global_rank == 0 else "continue",
+            checksum=self.checksum,
+            flatten_weights=self.flatten_weights,
+            served=served,
+            node_rank=node,
+            mirrored=mirrored,
+            verify_replicas=self.verify_replicas,
+            num_nodes=layout.num_nodes,
+        )
 
     def sync_module(self, module: nn.Module) -> None:
         """Serve ``module`` instead of the first module set up (call before the workers connect)."""
@@ -245,9 +284,9 @@ class WeightSyncStrategy(DDPStrategy):
         self._publisher.publish(values)
 
     def _serve(self, module: nn.Module) -> None:
-        """Rank 0: serve ``module``, and wait for the workers to hold it unless told not to."""
+        """Serve ``module``; global rank 0 also waits for every worker to hold it unless told not to."""
         self._scheme.start(module)
-        if not self.wait_for_workers:
+        if not self.wait_for_workers or self.global_rank != 0:
             return
         missing = self._scheme.wait_until_ready(self.ready_timeout)
         if not missing:
@@ -266,7 +305,7 @@ class WeightSyncStrategy(DDPStrategy):
         """Which training ranks each worker's experience goes to (``routes.workers_of(fabric.global_rank)``: the
         workers this rank's stream receives from)."""
         layout = self.layout
-        return ExperienceRoutes(layout.num_workers, layout.devices * layout.num_nodes)
+        return ExperienceRoutes(layout.num_workers, layout.devices * layout.num_nodes, layout.num_nodes)
 
     def experience(self, **kwargs: Any) -> ExperienceStream:
         """This training rank's stream of experience batches sent by its workers (see :class:`ExperienceStream`).
@@ -276,11 +315,9 @@ class WeightSyncStrategy(DDPStrategy):
         memory and how far workers get ahead before they block in ``ctx.send``.
         """
         if self._experience is None:
-            routes = self.routes
             self._experience = ExperienceStream(
                 rank=self.global_rank,
-                num_training_ranks=routes.num_training_ranks,
-                num_workers=routes.num_workers,
+                routes=self.routes,
                 open_store=self.control_plane().client,
                 policy_version=lambda: self.policy_version,
                 on_worker_failure=self.on_worker_failure,
@@ -327,8 +364,8 @@ class WeightSyncStrategy(DDPStrategy):
         return train_then_shut_down
 
     def shutdown(self) -> None:
-        """End of training: rank 0 delivers the last version to every live worker, stops them and waits for them;
-        every rank stops its experience receivers.
+        """End of training: every sender delivers the last version to its live workers, then global rank 0 stops
+        them all and waits for them; every rank stops its experience receivers.
 
         Runs once, at the end of the training function (spawn) or at interpreter exit (script, torchrun, SLURM).
         After a crash of the training code the final delivery is skipped and workers are stopped at once.
@@ -336,12 +373,13 @@ class WeightSyncStrategy(DDPStrategy):
         if self._shut_down:
             return
         self._shut_down = True
-        scheme, control = self._scheme, self._control
-        if scheme is not None and control is not None:
+        scheme, control = self._scheme, self._control if self.global_rank == 0 else None
+        if scheme is not None:
             if scheme.module is not None and not self.crash.crashed:
                 if not scheme.flush(self.shutdown_timeout):
-                    rank_zero_info("fabric_weightsync: some workers did not take the final version in time")
+                    log.warning("fabric_weightsync: some workers did not take the final version in time")
             scheme.close()
+        if scheme is not None and control is not None:
             control.request_stop()
             # Workers deliver their last metrics before they report their exit: keep writing them to make room.
             _wait_for_exits(control, scheme, self.shutdown_timeout, meanwhile=self.forward_worker_logs)

@@ -127,6 +127,8 @@ class DistributedTransport:
         self._lands_always = self._wire is weights_buffer
         self._targets = ModuleTargets(flatten_weights and not self._lands_always)
         self._version = 0
+        self.bytes_sent = 0
+        """Bytes of weights this end sent to the worker (0 when the worker reads them in shared memory)."""
 
     @property
     def rank(self) -> Optional[int]:
@@ -315,6 +317,7 @@ class DistributedTransport:
         self._call(lambda: self._channel.post(wire, tag), "sending an update")
         self._ack_pending = True
         self._version = wire.version
+        self.bytes_sent += wire.layout.nbytes if self._channel.carries_bytes else 0
 
     def _stage(self, weights: Any, version: int) -> WireBuffer:
         """The buffer to send ``weights`` from, stamped ``version``: ``weights`` itself if the channel can send it."""

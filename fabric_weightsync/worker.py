@@ -179,6 +179,7 @@ class WorkerContext:
     device: torch.device
     control: ControlPlane
     num_training_ranks: int = 1
+    num_nodes: int = 1
     backend: str = "gloo"
     timeout: float = 60.0
 
@@ -216,9 +217,9 @@ class WorkerContext:
         return self._receiver
 
     def send(self, batch: Union[TensorDictBase, Mapping[str, Any]], *, version: Optional[int] = None, timeout: Optional[float] = None) -> bool:
-        """Send a batch of experience to a training rank (see :class:`~fabric_weightsync.experience.ExperienceRoutes`:
-        ``worker_id % num_training_ranks`` with at least as many workers as ranks, else whichever of this worker's
-        ranks has room).
+        """Send a batch of experience to a training rank of this worker's node (see
+        :class:`~fabric_weightsync.experience.ExperienceRoutes`: one rank with at least as many workers as ranks on
+        the node, else whichever of this worker's ranks has room).
 
         ``batch``: a ``TensorDict``, or a dict of tensors (nested dicts allowed), which arrives as a ``TensorDict``
         with ``batch_size=[]``. ``version`` defaults to the version of the policy applied now (``connect`` must
@@ -228,7 +229,7 @@ class WorkerContext:
         if self._sender is None:
             self._sender = ExperienceSender(
                 self.worker_id,
-                ExperienceRoutes(self.num_workers, self.num_training_ranks).ranks_of(self.worker_id),
+                ExperienceRoutes(self.num_workers, self.num_training_ranks, self.num_nodes).ranks_of(self.worker_id),
                 self.control.client(),  # its own client: this one polls while the worker waits
                 self.timeout,
                 stop_requested=lambda: self.stop_requested,
@@ -430,6 +431,7 @@ class WorkerSpec:
                 backend=self.backend,
                 timeout=self.sync_timeout,
                 num_training_ranks=layout.devices * layout.num_nodes,
+                num_nodes=layout.num_nodes,
             )
             return run_worker(self.worker_fn, context)
         except BaseException:

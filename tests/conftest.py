@@ -478,6 +478,8 @@ class Launch:
     timeout: float = 100.0
     settle: Optional[tuple[str, float]] = None
     """See :func:`run_processes`."""
+    extra: tuple = ()
+    """More arguments of the script (``--transport``, ``--verify-replicas``, ...)."""
 
     @property
     def procs_per_node(self) -> int:
@@ -489,7 +491,7 @@ class Launch:
             "--launch", launch, "--strategy", self.strategy, "--devices", self.devices, "--workers", self.workers,
             "--nodes", self.nodes, "--worker-mode", self.worker_mode, "--out", out_dir,
         ]  # fmt: skip
-        return args + (["--steps", self.steps] if self.steps is not None else [])
+        return args + (["--steps", self.steps] if self.steps is not None else []) + list(self.extra)
 
     def run(self, out_dir: Path) -> Run:
         args = self.script_args(out_dir)
@@ -497,7 +499,9 @@ class Launch:
         if self.strategy == "registry":
             env.update(FABRIC_WEIGHTSYNC_WORKER_FN="fws_train:worker", FABRIC_WEIGHTSYNC_INFERENCE_WORKERS=str(self.workers))
         if self.mode in ("popen", "spawn", "fork"):
-            return run_processes([train_cmd(*args)], [env], out_dir, self.timeout, self.settle)
+            # Several nodes: one `python train.py` per node with its NODE_RANK, as Fabric runs without a cluster manager.
+            envs = [{**env, "NODE_RANK": str(node)} for node in range(self.nodes)] if self.nodes > 1 else [env]
+            return run_processes([train_cmd(*args)] * len(envs), envs, out_dir, self.timeout, self.settle)
         if self.mode == "torchrun":
             port = env["MASTER_PORT"]
             commands = [
@@ -534,7 +538,8 @@ LAUNCHES = {
     "spawn": Launch("spawn", workers=1),  # every spawned process re-imports Lightning: one worker is enough here
     "fork": Launch("fork"),
     "torchrun": Launch("torchrun", strategy="registry"),
-    "torchrun-2nodes": Launch("torchrun", devices=1, workers=1, nodes=2),
+    # Each node's sender serves its own workers over gloo (counted bytes) and checks its replica at every version.
+    "torchrun-2nodes": Launch("torchrun", devices=2, workers=2, nodes=2, extra=("--transport", "gloo", "--verify-replicas", "1")),
     "slurm": Launch("slurm"),
     "cli": Launch("cli", workers=1),
     "cli-registry": Launch("cli", devices=1, workers=1, strategy="registry"),

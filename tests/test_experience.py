@@ -32,7 +32,7 @@ from _experience_workers import (
     streaming_worker,
 )
 from fabric_weightsync import WeightSyncCallback, WeightSyncStrategy, WorkerFailedError
-from fabric_weightsync.experience import ExperienceError, ExperienceSchema
+from fabric_weightsync.experience import ExperienceError, ExperienceRoutes, ExperienceSchema
 from tensordict import NonTensorData, TensorDict
 
 
@@ -436,3 +436,14 @@ def test_non_tensor_leaves_are_refused_not_dropped() -> None:
     batch = TensorDict({"obs": torch.zeros(3), ("info", "name"): NonTensorData("cartpole")}, batch_size=[])
     with pytest.raises(TypeError, match=r"\('info', 'name'\) is a NonTensorData"):
         ExperienceSchema.of(batch)
+
+
+@pytest.mark.parametrize("workers, ranks, nodes", [(2, 2, 2), (4, 2, 2), (1, 3, 2), (3, 1, 3), (2, 4, 1)])
+def test_routes_keep_experience_on_its_node(workers, ranks, nodes):
+    """Per node: every worker sends to a training rank of its own node, and every rank hears a worker of it."""
+    routes = ExperienceRoutes(workers * nodes, ranks * nodes, nodes)
+    for worker in range(workers * nodes):
+        assert routes.ranks_of(worker) and {r // ranks for r in routes.ranks_of(worker)} == {worker // workers}
+    for rank in range(ranks * nodes):
+        assert routes.workers_of(rank) and {w // workers for w in routes.workers_of(rank)} == {rank // ranks}
+        assert all(rank in routes.ranks_of(w) for w in routes.workers_of(rank))

@@ -5,6 +5,7 @@ the transport picks one by :func:`choose` (sender) or by the name in the sender'
 data plane touches no other module.
 """
 
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Protocol
@@ -49,6 +50,8 @@ class Channel(Protocol):
     name: ClassVar[str]
     priority: ClassVar[int]
     """Higher is tried first by :func:`choose`."""
+    carries_bytes: ClassVar[bool]
+    """Whether a post moves the update's bytes to the worker (``False``: the worker reads them where they are)."""
     applied_row: Optional[memoryview]
     """Sender side: ``(sequence, version)`` the worker writes when it applies an update, if it reports that way
     (it then takes updates itself and no send is needed); ``None`` when answers come through :meth:`wait_ack`."""
@@ -134,8 +137,15 @@ def choose(preferred: str, hello: dict) -> type:
     raise ChannelError(f"no data plane serves channel={preferred!r} for this worker")
 
 
+HOST_ENV = "FABRIC_WEIGHTSYNC_HOST"
+"""Overrides :func:`host_id`: processes given different values never share memory, as if on different hosts (to
+simulate a multi-node layout on one machine)."""
+
+
 def host_id() -> str:
     """Same value for two processes iff they can share ``/dev/shm`` files (same host, same boot)."""
+    if os.environ.get(HOST_ENV):
+        return os.environ[HOST_ENV]
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

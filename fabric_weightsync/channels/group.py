@@ -72,6 +72,7 @@ class GroupChannel:
 
     name = "group"
     priority = 0  # serves any worker: the fallback
+    carries_bytes = True
     applied_row = None
 
     def __init__(self, endpoint: Endpoint) -> None:

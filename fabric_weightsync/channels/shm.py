@@ -25,6 +25,7 @@ class SharedMemoryChannel:
 
     name = "shm"
     priority = 10
+    carries_bytes = False
 
     def __init__(self, endpoint: Endpoint, staging: SharedStaging, owns_staging: bool) -> None:
         self.endpoint = endpoint

@@ -5,7 +5,8 @@ sampler split) and save their final weights; workers record every version they a
 weights, so the test can compare tensors exactly. Lines look like ``TAG key=value ...`` with JSON values.
 
     python fws_train.py --out DIR [--launch popen|spawn|fork|cli] [--devices 2] [--workers 2] [--nodes 1]
-                        [--steps 6] [--worker-mode ok|raise|mismatch] [--strategy object|registry]
+                        [--steps 6] [--worker-mode ok|raise|mismatch|exit] [--strategy object|registry]
+                        [--transport auto] [--on-worker-failure raise] [--verify-replicas N] [--diverge-rank R]
 """
 
 import argparse
@@ -48,7 +49,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="default: 6, or a long budget with a failing worker")
-    parser.add_argument("--worker-mode", choices=["ok", "raise", "mismatch"], default="ok")
+    # exit: the run's last worker dies (os._exit) once it applied version 2
+    parser.add_argument("--worker-mode", choices=["ok", "raise", "mismatch", "exit"], default="ok")
+    parser.add_argument("--transport", default="auto")
+    parser.add_argument("--on-worker-failure", choices=["raise", "continue"], default="raise")
+    parser.add_argument("--verify-replicas", type=int, default=None)
+    parser.add_argument("--diverge-rank", type=int, default=None, help="this training rank alters its weights at step 3")
     return parser.parse_args()
 
 
@@ -86,12 +92,16 @@ def worker(ctx) -> None:
     rx = ctx.connect(policy)
     if args.worker_mode == "raise" and ctx.worker_id == 0:
         raise RuntimeError(f"injected failure in inference worker {ctx.worker_id}")
+    dies = args.worker_mode == "exit" and ctx.worker_id == ctx.num_workers - 1
     versions = [rx.version]
     seen = {rx.version: snapshot(policy)}
     while not ctx.stop_requested:
         if rx.wait_for_update(1.0):
             versions.append(rx.version)
             seen[rx.version] = snapshot(policy)
+        if dies and rx.version >= 2:
+            emit("WORKER_EXIT", worker_id=ctx.worker_id, version=rx.version)
+            os._exit(3)
     out = Path(args.out)
     torch.save({"versions": versions, "seen": seen, "weights": snapshot(policy)}, out / f"worker{ctx.worker_id}.pt")
     emit(
@@ -145,10 +155,21 @@ def train(fabric: Fabric) -> None:
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
-        if args.worker_mode == "ok":
+        if args.worker_mode in ("ok", "exit"):
             history[step + 1] = snapshot(raw)
+        if step == 2 and rank == args.diverge_rank:
+            with torch.no_grad():  # this rank's replica only: DDP never hears of it
+                next(raw.parameters()).add_(1.0)
         time.sleep(0.05)  # so workers see several versions, and a failing worker is noticed mid-run
     torch.save({"weights": snapshot(raw), "history": history}, out / f"trainer{rank}.pt")
+    if scheme is not None:
+        scheme.flush(60)
+        emit(
+            "SENDER",
+            rank=rank, node=fabric.node_rank, served=[w.worker_id for w in scheme.health.watched],
+            bytes_sent={w.worker_id: w.bytes_sent for w in scheme.workers}, replicas_compared=scheme.replicas_compared,
+            workers={w.worker_id: [w.alive, w.delivered_version] for w in scheme.workers},
+        )  # fmt: skip
     emit("TRAIN_DONE", rank=rank, steps=steps, policy_version=fabric.strategy.policy_version, checksum=checksum(raw))
 
 
@@ -158,7 +179,10 @@ def main() -> None:
         strategy = "ddp_weightsync_spawn" if args.launch == "spawn" else "ddp_weightsync"
     else:
         start_method = "popen" if args.launch == "cli" else args.launch
-        strategy = WeightSyncStrategy(worker, inference_workers=args.workers, start_method=start_method, sync_timeout=30)
+        strategy = WeightSyncStrategy(
+            worker, inference_workers=args.workers, start_method=start_method, sync_timeout=30, transport=args.transport,
+            on_worker_failure=args.on_worker_failure, verify_replicas=args.verify_replicas,
+        )  # fmt: skip
     fabric = Fabric(
         accelerator="cpu", devices=args.devices, num_nodes=args.nodes, strategy=strategy, callbacks=[WeightSyncCallback()]
     )
