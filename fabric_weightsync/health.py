@@ -44,10 +44,16 @@ class WorkerStatus:
     bytes_sent: int = 0
     """Bytes of weights this process sent to the worker (0 for a worker that reads shared memory or that another
     node's sender serves)."""
+    relay_of: Optional[int] = None
+    """Set for the relay of a node (a training process that takes the weights for that node's workers), not a worker."""
 
     @property
     def rank(self) -> int:
         return self.worker_id + 1
+
+    @property
+    def name(self) -> str:
+        return f"inference worker {self.worker_id}" if self.relay_of is None else f"the relay of node {self.relay_of}"
 
     def progress(self) -> str:
         """How far a worker that does not hold the initial weights yet got, for an error that names it."""
@@ -88,6 +94,8 @@ class Health:
         conditions: conditions (sharing one lock) to notify after a change; the first guards the statuses.
         watched: the workers whose heartbeats and exit reports the monitor reads (default: all); the others' statuses
             come from their node's sender through :meth:`mirror`.
+        relays: the nodes whose relays this process serves (they send no heartbeats: a relay lives in a training
+            process, whose death ends the run anyway).
     """
 
     def __init__(
@@ -98,12 +106,16 @@ class Health:
         open_store: Callable[[], ControlStore],
         conditions: tuple[threading.Condition, ...],
         watched: Optional[Collection[int]] = None,
+        relays: Sequence[int] = (),
     ) -> None:
         if on_worker_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_worker_failure must be one of {FAILURE_POLICIES}, got {on_worker_failure!r}")
         self.workers = [WorkerStatus(i) for i in worker_ids]
         self._by_id = {status.worker_id: status for status in self.workers}
         self.watched = [self._by_id[i] for i in (worker_ids if watched is None else watched)]
+        first_relay = max(worker_ids, default=-1) + 1
+        self.relays = [WorkerStatus(first_relay + i, relay_of=node) for i, node in enumerate(relays)]
+        self._by_id.update((status.worker_id, status) for status in self.relays)
         self.on_worker_failure = on_worker_failure
         self.heartbeat_timeout = heartbeat_timeout
         self._open_store = open_store
@@ -140,7 +152,7 @@ class Health:
                 return
             status.alive, status.error, status.acked_version, status.applied_row = True, None, -1, None
             self._raised.discard(status.worker_id)
-        log.warning("fabric_weightsync: inference worker %d rejoined", status.worker_id)
+        log.warning("fabric_weightsync: %s rejoined", status.name)
 
     def delivered(self, status: WorkerStatus, version: int) -> None:
         with self._conditions[0]:
@@ -158,7 +170,7 @@ class Health:
             status.error = reason if error else None
             stop_serving = self.on_failed(worker_id)
             self._notify()
-        log.warning("fabric_weightsync: inference worker %d %s: %s", worker_id, "failed" if error else "left", reason)
+        log.warning("fabric_weightsync: %s %s: %s", status.name, "failed" if error else "left", reason)
         stop_serving()
         if not evict:
             return
@@ -183,10 +195,10 @@ class Health:
         """Raise :class:`WorkerFailedError` for a failure not raised yet (under ``on_worker_failure="raise"``)."""
         if self.on_worker_failure != "raise":
             return
-        for status in self.workers:
+        for status in self.workers + self.relays:
             if status.error is not None and status.worker_id not in self._raised:
                 self._raised.add(status.worker_id)
-                raise WorkerFailedError(f"Inference worker {status.worker_id} failed: {status.error}")
+                raise WorkerFailedError(f"{status.name[0].upper()}{status.name[1:]} failed: {status.error}")
 
     def report_late_failures(self) -> None:
         """After the workers' exit: fail workers whose error arrived after the monitor stopped."""

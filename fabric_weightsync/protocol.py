@@ -118,6 +118,11 @@ def experience_group_name(worker_id: int, rank: int, epoch: int) -> str:
     return f"fws/exp/{worker_id}/{rank}/{epoch}"
 
 
+def relay_rank(num_workers: int, node_rank: int) -> int:
+    """The transport rank of node ``node_rank``'s relay, after every worker's."""
+    return num_workers + node_rank
+
+
 def latest_key(node_rank: int) -> str:
     """The newest version node ``node_rank``'s sender staged (see :data:`LATEST_KEY`)."""
     return LATEST_KEY if node_rank == 0 else f"{LATEST_KEY}/{node_rank}"

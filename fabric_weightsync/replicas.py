@@ -104,6 +104,6 @@ class ReplicaCheck(threading.Thread):
                     f"The weights node {node}'s sender pushed as version {version} differ from global rank 0's (checksum"
                     f" {theirs.decode(errors='replace')} vs {own.decode()}): node {node}'s workers were served other weights"
                     " than the trainer's. Something changed the synced module on some training ranks only (a"
-                    " non-deterministic optimizer, or code that runs on one rank); pass node_senders=False to serve every"
-                    " worker from global rank 0"
+                    " non-deterministic optimizer, or code that runs on one rank); pass serve_replicas=False to relay global"
+                    " rank 0's weights instead"
                 )

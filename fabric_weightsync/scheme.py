@@ -72,6 +72,8 @@ class WeightSyncScheme:
         node_rank: the node whose workers it serves; a node other than 0 reports their statuses to global rank 0.
         mirrored: global rank 0 with node senders: every other node's workers, by node, whose statuses it takes from
             their senders' reports (see :mod:`~fabric_weightsync.node_reports`).
+        relays: global rank 0 when node senders relay its weights: the nodes whose relay it serves, each with
+            transport rank :func:`~fabric_weightsync.protocol.relay_rank` (see :mod:`~fabric_weightsync.relay`).
         verify_replicas: with node senders, checksum every N-th version pushed and compare the nodes' checksums on
             global rank 0 (see :mod:`~fabric_weightsync.replicas`).
         num_nodes: nodes in the run.
@@ -91,6 +93,7 @@ class WeightSyncScheme:
         served: Optional[Sequence[int]] = None,
         node_rank: int = 0,
         mirrored: Optional[dict[int, Sequence[int]]] = None,
+        relays: Sequence[int] = (),
         verify_replicas: Optional[int] = None,
         num_nodes: int = 1,
     ) -> None:
@@ -107,7 +110,7 @@ class WeightSyncScheme:
         mirrored = mirrored or {}
         known = served + [w for workers in mirrored.values() for w in workers]
         conditions = (self._acked, self._pushed)
-        self.health = Health(known, on_worker_failure, heartbeat_timeout, control.client, conditions, watched=served)
+        self.health = Health(known, on_worker_failure, heartbeat_timeout, control.client, conditions, watched=served, relays=relays)
         if mirrored:
             self.health.on_look.append(NodeMirror(self.health, mirrored))
         if node_rank > 0:
@@ -124,9 +127,15 @@ class WeightSyncScheme:
         return self.health.workers
 
     @property
+    def relays(self) -> list[WorkerStatus]:
+        """The status of every node relay this scheme serves."""
+        return self.health.relays
+
+    @property
     def bytes_sent(self) -> int:
-        """Bytes of weights this process sent to its workers so far (what crossed a connection, not shared memory)."""
-        return sum(status.bytes_sent for status in self.health.watched)
+        """Bytes of weights this process sent so far to its workers and relays (what crossed a connection, not
+        shared memory)."""
+        return sum(status.bytes_sent for status in self.health.watched + self.health.relays)
 
     @property
     def links(self) -> Optional[Links]:
@@ -149,12 +158,13 @@ class WeightSyncScheme:
         # Staging lives where the data plane reads it: host memory (shared files when workers may read them there;
         # a GPU trainer pays one device-to-host copy per push), or the GPU for nccl.
         device = sources[0].device if self.backend == "nccl" and sources else torch.device("cpu")
-        ranks = max(status.rank for status in self.health.watched)
+        served_statuses = self.health.watched + self.health.relays
+        ranks = max(status.rank for status in served_statuses)
         self.staging = Staging(
             module, workers=ranks, shared=self._shared_staging, device=device, checksum=self.checksum,
             flatten=self.flatten_weights, pushed=self._pushed,
         )  # fmt: skip
-        served = {status.rank for status in self.health.watched}
+        served = {status.rank for status in served_statuses}
         for rank in set(range(1, ranks + 1)) - served:  # board rows of other nodes' workers: nobody reads from here
             self.staging.exempt(rank)
         self.staging.start(version)

@@ -1,6 +1,7 @@
 """``WeightSyncStrategy``: DDP over the training processes, plus inference workers launched next to them."""
 
 import atexit
+import copy
 import functools
 import importlib
 import logging
@@ -25,6 +26,7 @@ from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import FAILURE_POLICIES, FailurePolicy, WorkerFailedError
 from fabric_weightsync.launchers import TrainingCrash, WeightSyncScriptLauncher, WeightSyncSpawnLauncher
 from fabric_weightsync.messages import MessagePublisher
+from fabric_weightsync.relay import Relay
 from fabric_weightsync.protocol import END_GRACE_S, SLOW_POLL_S, poll_until, worker_keys
 from fabric_weightsync.scheme import TRANSPORTS, WeightSyncScheme, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
@@ -90,14 +92,15 @@ class WeightSyncStrategy(DDPStrategy):
         ready_timeout: seconds that wait may take (default: ``sync_timeout``); then ``on_worker_failure="raise"``
             raises ``TimeoutError`` naming each missing worker and how far it got, ``"continue"`` logs it and
             starts without them.
-        node_senders: with several nodes, each node's local training rank 0 serves that node's workers from its own
-            DDP replica of the synced module, so no weights cross the network (default). Every training rank holds
-            the same weights after each optimizer step under DDP; turn it off where that does not hold (weights
-            changed on some ranks only), and global rank 0 serves every worker.
-        verify_replicas: with node senders, every N-th version each node sender checksums the weights it pushed and
-            global rank 0 compares them, raising :class:`~fabric_weightsync.replicas.ReplicaMismatchError` naming the
-            node at its next push if they differ (off by default: a checksum reads all the weights, on a thread of
-            each node sender).
+        serve_replicas: with several nodes, each node's local training rank 0 serves that node's workers. By default
+            from its own DDP replica of the synced module, so no weights cross the network: under DDP every training
+            rank holds the same weights after each optimizer step. ``False`` where that does not hold (weights
+            changed on some ranks only): global rank 0's weights are relayed, crossing to each node once per version
+            (see :mod:`~fabric_weightsync.relay`; not with ``transport="nccl"``).
+        verify_replicas: when serving replicas, every N-th version each node's sender checksums the weights it pushed
+            and global rank 0 compares them, raising :class:`~fabric_weightsync.replicas.ReplicaMismatchError`
+            naming the node at its next push if they differ (off by default: a checksum reads all the weights, on a
+            thread of each node's sender).
         **ddp_kwargs: everything :class:`~lightning.fabric.strategies.DDPStrategy` accepts.
     """
 
@@ -116,7 +119,7 @@ class WeightSyncStrategy(DDPStrategy):
         flatten_weights: bool = True,
         wait_for_workers: bool = True,
         ready_timeout: Optional[float] = None,
-        node_senders: bool = True,
+        serve_replicas: bool = True,
         verify_replicas: Optional[int] = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
@@ -150,11 +153,12 @@ class WeightSyncStrategy(DDPStrategy):
         self.flatten_weights = flatten_weights
         self.wait_for_workers = wait_for_workers
         self.ready_timeout = sync_timeout if ready_timeout is None else ready_timeout
-        self.node_senders = node_senders
+        self.serve_replicas = serve_replicas
         self.verify_replicas = verify_replicas
         self.crash = TrainingCrash()
         self._control: Optional[ControlPlane] = None
         self._scheme: Optional[WeightSyncScheme] = None
+        self._relay: Optional[Relay] = None
         self._experience: Optional[ExperienceStream] = None
         self._publisher: Optional[MessagePublisher] = None
         self._worker_logs: Optional[WorkerLogCollector] = None
@@ -178,13 +182,8 @@ class WeightSyncStrategy(DDPStrategy):
 
     @property
     def serves_node(self) -> bool:
-        """Whether this training rank serves its node's workers: each node's local rank 0 with node senders and
-        several nodes, else global rank 0 alone (serving every worker)."""
-        return self.global_rank == 0 or (self._fans_out and self.local_rank == 0)
-
-    @property
-    def _fans_out(self) -> bool:
-        return self.node_senders and self.num_nodes > 1
+        """Whether this training rank serves its node's workers: each node's local rank 0 (on one node: rank 0)."""
+        return self.local_rank == 0
 
     def worker_spec(self) -> WorkerSpec:
         """What launchers need to run this node's workers."""
@@ -224,10 +223,12 @@ class WeightSyncStrategy(DDPStrategy):
         return wrapped
 
     def _new_scheme(self) -> WeightSyncScheme:
-        """This rank's sender: of every worker, or of its node's workers (global rank 0 then mirrors the others)."""
-        layout, node = self.layout, self.node_rank if self._fans_out else 0
-        served = layout.node_workers(node) if self._fans_out else range(layout.num_workers)
-        mirrored = {n: layout.node_workers(n) for n in range(1, layout.num_nodes)} if self._fans_out and node == 0 else None
+        """This node's sender of its workers (global rank 0's also mirrors the other nodes' workers and serves their
+        relays when replicas are not served)."""
+        layout, node = self.layout, self.node_rank
+        others = range(1, layout.num_nodes) if node == 0 else range(0)
+        if not self.serve_replicas and others and split_transport(self.transport).backend == "nccl":
+            raise ValueError("serve_replicas=False relays rank 0's weights through host memory: use transport='auto' or 'gloo'")
         return WeightSyncScheme(
             self.control_plane(),
             layout.num_workers,
@@ -238,10 +239,11 @@ class WeightSyncStrategy(DDPStrategy):
             on_worker_failure=self.on_worker_failure if self.global_rank == 0 else "continue",
             checksum=self.checksum,
             flatten_weights=self.flatten_weights,
-            served=served,
+            served=layout.node_workers(node),
             node_rank=node,
-            mirrored=mirrored,
-            verify_replicas=self.verify_replicas,
+            mirrored={n: layout.node_workers(n) for n in others},
+            relays=() if self.serve_replicas else others,
+            verify_replicas=self.verify_replicas if self.serve_replicas else None,
             num_nodes=layout.num_nodes,
         )
 
@@ -284,7 +286,14 @@ class WeightSyncStrategy(DDPStrategy):
         self._publisher.publish(values)
 
     def _serve(self, module: nn.Module) -> None:
-        """Serve ``module``; global rank 0 also waits for every worker to hold it unless told not to."""
+        """Serve ``module`` (a relay node: rank 0's copy of it); global rank 0 also waits for every worker to hold it
+        unless told not to."""
+        if not self.serve_replicas and self.node_rank > 0:
+            relay_copy = copy.deepcopy(module).cpu().requires_grad_(False)
+            self._relay = Relay(self._scheme, relay_copy, self._control, self.node_rank, self.layout.num_workers, "gloo", self.sync_timeout)
+            self._relay.start()
+            self._scheme = None  # this rank's own weights are not what its node serves: its pushes stage nothing
+            return
         self._scheme.start(module)
         if not self.wait_for_workers or self.global_rank != 0:
             return
@@ -379,6 +388,8 @@ class WeightSyncStrategy(DDPStrategy):
                 if not scheme.flush(self.shutdown_timeout):
                     log.warning("fabric_weightsync: some workers did not take the final version in time")
             scheme.close()
+        if self._relay is not None:
+            self._relay.close(0.0 if self.crash.crashed else self.shutdown_timeout)
         if scheme is not None and control is not None:
             control.request_stop()
             # Workers deliver their last metrics before they report their exit: keep writing them to make room.

@@ -3,13 +3,15 @@
 Two torchrun agents on loopback (``--nnodes=2``) stand for two nodes. Every worker on both nodes ends on the last
 version with global rank 0's weights (``test_launch_modes.assert_healthy``), global rank 0 sends no weight byte to
 node 1's workers (counted by the senders), the replica check catches a replica that diverged and names its node,
-and a worker that dies on node 1 meets the failure policy as on node 0.
+a worker that dies on node 1 meets the failure policy as on node 0, and where replicas may differ, global rank 0's
+weights are relayed to each node once.
 """
 
 import pytest
+import torch
 
 from conftest import LAUNCHES, Launch
-from test_launch_modes import EXIT_AFTER_FAILURE, FAILURE_LAUNCH_TIMEOUT, assert_failed_naming, assert_healthy
+from test_launch_modes import EXIT_AFTER_FAILURE, FAILURE_LAUNCH_TIMEOUT, assert_failed_naming, assert_healthy, assert_same_weights
 
 TWO_NODES = "torchrun-2nodes"
 
@@ -69,3 +71,25 @@ def test_worker_dying_on_node_1_meets_the_failure_policy(tmp_path, policy):
     assert done["worker_id"] == 0 and done["final_version"] == 20, run.describe()
     [rank0] = [r for r in run.records("SENDER") if r["rank"] == 0]
     assert rank0["workers"] == {"0": [True, 20], "1": [False, rank0["workers"]["1"][1]]}, rank0
+
+
+@pytest.mark.timeout(200)
+def test_relay_serves_rank_0s_weights_once_per_node(tmp_path):
+    """``serve_replicas=False``: node 1's replica diverged, yet its 2 workers end on global rank 0's weights, which
+    crossed to node 1 once per version (to its relay), not once per worker."""
+    launch = Launch("popen", devices=1, workers=2, nodes=2, extra=("--relay", "--transport", "gloo", "--diverge-rank", "1"))
+    run = launch.run(tmp_path)
+    assert run.returncode == 0 and not run.leftovers, run.describe()
+    trainer = torch.load(run.out_dir / "trainer0.pt")
+    finals = {w["worker_id"]: w for w in run.records("WORKER_DONE")}
+    assert sorted(finals) == [0, 1, 2, 3], run.describe()
+    for worker_id, record in finals.items():
+        assert record["final_version"] == launch.steps, record
+        saved = torch.load(run.out_dir / f"worker{worker_id}.pt")
+        for version, weights in saved["seen"].items():
+            assert_same_weights(weights, trainer["history"][version], f"worker {worker_id} at version {version}")
+    [rank0] = run.records("SENDER")  # node 1's rank serves nothing of its own: its relay does
+    assert rank0["bytes_sent"]["2"] == rank0["bytes_sent"]["3"] == 0, rank0
+    weights = rank0["bytes_sent"]["0"] // len(finals[0]["versions"])  # every version node 0's worker took
+    assert 0 < rank0["relays"]["1"] <= weights * (launch.steps + 1), rank0  # at most one copy per version for node 1
+    assert rank0["workers"] == {str(w): [True, launch.steps] for w in range(4)}, rank0

@@ -6,7 +6,7 @@ weights, so the test can compare tensors exactly. Lines look like ``TAG key=valu
 
     python fws_train.py --out DIR [--launch popen|spawn|fork|cli] [--devices 2] [--workers 2] [--nodes 1]
                         [--steps 6] [--worker-mode ok|raise|mismatch|exit] [--strategy object|registry]
-                        [--transport auto] [--on-worker-failure raise] [--verify-replicas N] [--diverge-rank R]
+                        [--transport auto] [--on-worker-failure raise] [--verify-replicas N] [--diverge-rank R] [--relay]
 """
 
 import argparse
@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--on-worker-failure", choices=["raise", "continue"], default="raise")
     parser.add_argument("--verify-replicas", type=int, default=None)
     parser.add_argument("--diverge-rank", type=int, default=None, help="this training rank alters its weights at step 3")
+    parser.add_argument("--relay", action="store_true", help="serve_replicas=False: nodes get rank 0's weights")
     return parser.parse_args()
 
 
@@ -169,6 +170,7 @@ def train(fabric: Fabric) -> None:
             rank=rank, node=fabric.node_rank, served=[w.worker_id for w in scheme.health.watched],
             bytes_sent={w.worker_id: w.bytes_sent for w in scheme.workers}, replicas_compared=scheme.replicas_compared,
             workers={w.worker_id: [w.alive, w.delivered_version] for w in scheme.workers},
+            relays={w.relay_of: w.bytes_sent for w in scheme.relays},
         )  # fmt: skip
     emit("TRAIN_DONE", rank=rank, steps=steps, policy_version=fabric.strategy.policy_version, checksum=checksum(raw))
 
@@ -181,7 +183,7 @@ def main() -> None:
         start_method = "popen" if args.launch == "cli" else args.launch
         strategy = WeightSyncStrategy(
             worker, inference_workers=args.workers, start_method=start_method, sync_timeout=30, transport=args.transport,
-            on_worker_failure=args.on_worker_failure, verify_replicas=args.verify_replicas,
+            on_worker_failure=args.on_worker_failure, verify_replicas=args.verify_replicas, serve_replicas=not args.relay,
         )  # fmt: skip
     fabric = Fabric(
         accelerator="cpu", devices=args.devices, num_nodes=args.nodes, strategy=strategy, callbacks=[WeightSyncCallback()]
