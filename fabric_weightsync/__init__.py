@@ -12,6 +12,7 @@ from fabric_weightsync.experience import (
 )
 from fabric_weightsync.experience_stream import ExperienceStream
 from fabric_weightsync.health import WorkerFailedError
+from fabric_weightsync.replicas import ReplicaMismatchError
 from fabric_weightsync.scheme import WeightSyncScheme
 from fabric_weightsync.strategy import WeightSyncStrategy
 from fabric_weightsync.transport import DistributedTransport, TransportError
@@ -29,6 +30,7 @@ __all__ = [
     "ExperienceSchemaError",
     "ExperienceStream",
     "ExperienceTimeout",
+    "ReplicaMismatchError",
     "SchemaMismatchError",
     "TransportError",
     "WeightReceiver",

@@ -98,7 +98,7 @@ class WeightSyncStrategy(DDPStrategy):
             changed on some ranks only): global rank 0's weights are relayed, crossing to each node once per version
             (see :mod:`~fabric_weightsync.relay`; not with ``transport="nccl"``).
         verify_replicas: when serving replicas, every N-th version each node's sender checksums the weights it pushed
-            and global rank 0 compares them, raising :class:`~fabric_weightsync.replicas.ReplicaMismatchError`
+            and global rank 0 compares them, raising :class:`~fabric_weightsync.ReplicaMismatchError`
             naming the node at its next push if they differ (off by default: a checksum reads all the weights, on a
             thread of each node's sender).
         **ddp_kwargs: everything :class:`~lightning.fabric.strategies.DDPStrategy` accepts.
