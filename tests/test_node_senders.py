@@ -3,14 +3,16 @@
 Two torchrun agents on loopback (``--nnodes=2``) stand for two nodes. Every worker on both nodes ends on the last
 version with global rank 0's weights (``test_launch_modes.assert_healthy``), global rank 0 sends no weight byte to
 node 1's workers (counted by the senders), the replica check catches a replica that diverged and names its node,
-a worker that dies on node 1 meets the failure policy as on node 0, and where replicas may differ, global rank 0's
+a worker that dies on node 1 meets the failure policy as on node 0 and one that comes back is re-admitted, and where replicas may differ, global rank 0's
 weights are relayed to each node once.
 """
 
+import psutil
 import pytest
 import torch
 
-from conftest import LAUNCHES, Launch
+from conftest import LAUNCHES, Launch, free_port, sigkill
+from test_fault_tolerance import HEARTBEAT_TIMEOUT, FaultRun, base_env
 from test_launch_modes import EXIT_AFTER_FAILURE, FAILURE_LAUNCH_TIMEOUT, assert_failed_naming, assert_healthy, assert_same_weights
 
 TWO_NODES = "torchrun-2nodes"
@@ -93,3 +95,35 @@ def test_relay_serves_rank_0s_weights_once_per_node(tmp_path):
     weights = rank0["bytes_sent"]["0"] // len(finals[0]["versions"])  # every version node 0's worker took
     assert 0 < rank0["relays"]["1"] <= weights * (launch.steps + 1), rank0  # at most one copy per version for node 1
     assert rank0["workers"] == {str(w): [True, launch.steps] for w in range(4)}, rank0
+
+
+@pytest.mark.timeout(150)
+def test_worker_killed_on_node_1_rejoins(tmp_path):
+    """Node 1's worker is SIGKILLed and a new process takes its place: node 1's sender re-admits it with a full
+    resync, and global rank 0 sees it leave and come back, ending with both workers on the last version."""
+    run = FaultRun(tmp_path / "run")
+    try:
+        port = free_port()
+        args = [
+            "--nodes", 2, "--workers", 1, "--on-failure", "continue", "--heartbeat-timeout", HEARTBEAT_TIMEOUT,
+            "--until-rejoin", 1, "--steps", 3000, "--step-sleep", 0.02, "--behaviour", "1=every:0.05",
+        ]  # fmt: skip
+        nodes = [run.start_script(f"node{n}", args, {**base_env(port), "NODE_RANK": str(n)}) for n in (0, 1)]
+        run.wait_for("PROGRESS", 60, lambda e: e["step"] >= 20)
+        victim = psutil.Process(run.worker_pid(1))
+        env, cmdline, cwd = victim.environ(), victim.cmdline(), victim.cwd()
+        sigkill(victim.pid)
+        run.wait_for("WORKER_STATUS", 20, lambda e: e["alive"][1] is False)
+        run.start("replacement", cmdline, env, cwd=cwd)
+        run.wait_all(90)
+        run.assert_no_survivors()
+        assert all(node.returncode == 0 for node in nodes), run.describe()
+        rejoined = run.one("REJOINED")
+        final = run.one("FINAL")
+        assert final["alive"] == [True, True] and final["delivered"] == [final["latest"]] * 2, final
+        back = run.one("WORKER_CONNECTED", proc="replacement")
+        assert back["version"] > 0 and rejoined["delivered"] >= back["version"], (back, rejoined)
+        done = run.one("WORKER_DONE", worker_id=1, proc="replacement")
+        assert done["final_version"] == final["latest"] and done["lo"] == done["hi"] == float(final["latest"])
+    finally:
+        run.close()

@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=1, help="one process per node, each started with its NODE_RANK")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--transport", default="auto")
     parser.add_argument("--on-failure", default="continue")
@@ -380,6 +381,8 @@ def train(fabric: Fabric, args: argparse.Namespace) -> None:
                     # End once every worker is back (another may be away too), after several heartbeats of theirs.
                     settled = (settled or step) if all(w.alive for w in scheme.workers) else None
                     limit = settled + 50 if settled else args.steps
+        if args.nodes > 1:  # every rank pushes the same versions and stops at rank 0's limit
+            limit = int(fabric.broadcast(torch.tensor(limit)))
         if args.change_at and step == args.change_at:
             # A different-shaped Parameter replaces a synced one: the next push must refuse it.
             raw[0].weight = nn.Parameter(torch.zeros(HIDDEN + 1, 8))
@@ -417,7 +420,7 @@ def main() -> None:
         shutdown_timeout=args.shutdown_timeout,
         wait_for_workers=not args.no_wait_for_workers,
     )
-    fabric = Fabric(accelerator="cpu", devices=args.devices, strategy=strategy, callbacks=[WeightSyncCallback()])
+    fabric = Fabric(accelerator="cpu", devices=args.devices, num_nodes=args.nodes, strategy=strategy, callbacks=[WeightSyncCallback()])
     fabric.launch()
     try:
         train(fabric, args)
