@@ -18,7 +18,8 @@ from fabric_weightsync.strategy import WeightSyncStrategy
 from fabric_weightsync.transport import DistributedTransport, TransportError
 from fabric_weightsync.weights import SchemaMismatchError, WeightSchema, WeightStrategy, make_wire_buffer
 from fabric_weightsync.wire import WireBuffer
-from fabric_weightsync.worker import WeightReceiver, WorkerContext
+from fabric_weightsync.receiver import WeightReceiver
+from fabric_weightsync.worker import WorkerContext
 
 WeightSyncStrategy.register_strategies(STRATEGY_REGISTRY)
 

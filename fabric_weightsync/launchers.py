@@ -1,6 +1,6 @@
 """Launchers that start ``devices + inference_workers`` processes per node and route each to its role.
 
-Workers run :meth:`~fabric_weightsync.worker.WorkerSpec.run` instead of the user's training code: in script mode
+Workers run :meth:`~fabric_weightsync.worker_process.WorkerSpec.run` instead of the user's training code: in script mode
 they stop inside ``fabric.launch()`` and exit there; in spawn mode they never call the user's function.
 """
 
@@ -28,7 +28,7 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from typing_extensions import override
 
 from fabric_weightsync.auth import ensure_secret
-from fabric_weightsync.worker import LATE_REPORT_TIMEOUT_S, WorkerSpec
+from fabric_weightsync.worker_process import LATE_REPORT_TIMEOUT_S, WorkerSpec
 
 REPORT_TIMEOUT_S = 10.0
 """Seconds the child watcher tries to tell rank 0 that a worker died: later than that, rank 0's heartbeat monitor

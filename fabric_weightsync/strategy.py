@@ -30,7 +30,8 @@ from fabric_weightsync.relay import Relay
 from fabric_weightsync.protocol import END_GRACE_S, SLOW_POLL_S, poll_until, worker_keys
 from fabric_weightsync.scheme import TRANSPORTS, WeightSyncScheme, split_transport
 from fabric_weightsync.transport import DEFAULT_TIMEOUT
-from fabric_weightsync.worker import WorkerContext, WorkerSpec
+from fabric_weightsync.worker import WorkerContext
+from fabric_weightsync.worker_process import WorkerSpec
 from fabric_weightsync.worker_logs import WorkerLogCollector
 
 WorkerFn = Callable[[WorkerContext], Any]

@@ -1,5 +1,5 @@
 """A TorchRL weight-sync scheme whose transport is this library's: a TorchRL collector in a worker receives the
-trainer's newest weights through the worker's :class:`~fabric_weightsync.worker.WeightReceiver`.
+trainer's newest weights through the worker's :class:`~fabric_weightsync.receiver.WeightReceiver`.
 
 Needs TorchRL (``pip install torchrl``); the rest of the package does not import this module.
 
@@ -15,7 +15,8 @@ from typing import Any, Optional
 from tensordict import TensorDict, TensorDictBase
 from torchrl.weight_update.weight_sync_schemes import WeightSyncScheme as TorchRLWeightSyncScheme
 
-from fabric_weightsync.worker import WeightReceiver, WorkerContext
+from fabric_weightsync.receiver import WeightReceiver
+from fabric_weightsync.worker import WorkerContext
 
 
 class WeightReceiverScheme(TorchRLWeightSyncScheme):

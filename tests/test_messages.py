@@ -30,12 +30,20 @@ def unsigned(store: dist.Store) -> ControlStore:
     """The control store as the library holds it, without a run's credentials (values stay as written)."""
     return as_control_store(store, 10.0)
 
+
+def landed(store: dist.Store) -> None:
+    """Wait until the server applied what ``store`` wrote: a TCPStore ``set`` gets no reply, so another client may
+    look before it arrives; a ``get`` on the writer's own connection is answered only after its earlier writes."""
+    store.get(MESSAGES_KEY)
+
+
 def test_values_come_back_as_they_were_published(control_store, store_client) -> None:
     publisher, reader = MessagePublisher(unsigned(control_store)), MessageReader(unsigned(store_client()), worker_id=0)
     assert reader.read() == {}, "nothing published yet"
     schedule = torch.arange(6, dtype=torch.float16).reshape(2, 3)
     publisher.publish({"budget_reached": False, "epsilon": 0.1, "phase": "warmup", "seed": 7, "nothing": None, "schedule": schedule})
     publisher.publish({"budget_reached": True, "mask": torch.tensor([True, False])})  # merged; latest wins per key
+    landed(control_store)
     got = reader.read()
     assert {k: v for k, v in got.items() if not isinstance(v, torch.Tensor)} == {
         "budget_reached": True, "epsilon": 0.1, "phase": "warmup", "seed": 7, "nothing": None,
@@ -61,6 +69,7 @@ def test_a_value_messages_cannot_carry_is_refused_naming_its_key(control_store, 
     with pytest.raises(error) as raised:
         publisher.publish({"also_fine": 2, "bad": value})
     assert needle in str(raised.value)
+    landed(control_store)
     assert MessageReader(unsigned(store_client()), 0).read() == {"fine": 1}, "a refused publish publishes nothing"
 
 
@@ -75,11 +84,14 @@ def test_messages_too_big_together_are_refused_naming_the_keys(control_store) ->
 def test_a_bad_value_in_the_store_is_ignored_with_a_warning(control_store, store_client, caplog) -> None:
     reader = MessageReader(unsigned(store_client()), worker_id=3)
     MessagePublisher(unsigned(control_store)).publish({"epsilon": 0.5})
+    landed(control_store)
     assert reader.read() == {"epsilon": 0.5}
     with caplog.at_level(logging.WARNING, logger="fabric_weightsync.messages"):
         control_store.set(MESSAGES_KEY, b"{not json")
+        landed(control_store)
         assert reader.read() == {"epsilon": 0.5}, "the last good values stand"
         control_store.set(MESSAGES_KEY, json.dumps({"epsilon": 0.25, "t": {"dtype": "nope", "shape": [1], "data": [1]}}).encode())
+        landed(control_store)
         assert reader.read() == {"epsilon": 0.25}, "only the bad key is skipped"
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 2, warnings
@@ -92,6 +104,7 @@ def test_a_reader_keeps_the_last_values_once_the_store_is_gone() -> None:
     client = dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=2))
     reader = MessageReader(unsigned(client), worker_id=0)
     MessagePublisher(unsigned(server)).publish({"phase": "eval"})
+    landed(server)
     assert reader.read() == {"phase": "eval"}
     del server  # training rank 0 died with its store
     assert reader.read() == {"phase": "eval"}
