@@ -173,6 +173,8 @@ def main() -> None:
         f"N simulated nodes of {args.workers} workers, a {args.size_mb:g} MB policy, {args.pushes} pushes; medians.",
         "Egress: weight bytes global rank 0 sent per update. Applied: push -> applied, on node 0's workers and on the",
         "node whose workers got it last (from the push of the sender whose weights they get).",
+        "Every simulated node shares this machine's cores and memory bandwidth, which real nodes do not: absolute",
+        "times grow with N here. A relay adds a hop (receive, then stage for its node's workers) to rank 0's weights.",
         "",
         "| N | path | rank-0 egress per update (MB) | applied, node 0 (ms) | applied, farthest node (ms) |",
         "|---|---|---|---|---|",
