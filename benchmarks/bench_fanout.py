@@ -22,14 +22,13 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads, here and in every launched process
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +36,8 @@ from lightning.fabric import Fabric
 
 from fabric_weightsync import WeightSyncStrategy, WorkerContext
 from fabric_weightsync.channels.base import HOST_ENV
+from bench_scale import make_policy
+from flags import parse_flags
 from results_file import provenance, write_section
 
 
@@ -56,15 +57,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_known_args()[0]))
-
-
-def make_policy(megabytes: float) -> torch.nn.Module:
-    width = max(1, int(megabytes * 2**20 / 4 / 1024))
-    return torch.nn.Linear(1024, width, bias=False)
+    return parse_flags(Args, __doc__, known_only=True)
 
 
 def collect(ctx: WorkerContext) -> None:

@@ -23,13 +23,12 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads, here and in the spawned processes
 
-import argparse
 import multiprocessing as mp
 import queue
 import statistics
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 from fabric_weightsync import WeightSyncScheme, WorkerContext
 from fabric_weightsync.control import ControlPlane
+from flags import parse_flags
 from results_file import provenance, write_section
 
 MODES = ("raw", "inline", "one-hop", "ours")
@@ -198,10 +198,7 @@ def run(ctx: mp.context.BaseContext, mode: str, args: Args) -> list[float]:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args()))
+    return parse_flags(Args, __doc__)
 
 
 def main() -> None:

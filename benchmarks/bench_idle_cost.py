@@ -17,17 +17,17 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads, here and in the spawned workers
 
-import argparse
 import multiprocessing as mp
 import statistics
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from fabric_weightsync import WeightSyncScheme, WorkerContext
 from fabric_weightsync.control import ControlPlane
+from flags import parse_flags
 from results_file import provenance, write_section
 
 
@@ -140,10 +140,7 @@ def main(args: Args) -> None:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args()))
+    return parse_flags(Args, __doc__)
 
 
 if __name__ == "__main__":

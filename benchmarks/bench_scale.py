@@ -15,18 +15,18 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads, here and in every forked process
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from lightning.fabric import Fabric
 
 from fabric_weightsync import WeightSyncStrategy, WorkerContext
+from flags import parse_flags
 from results_file import provenance, write_section
 
 
@@ -44,10 +44,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args()))
+    return parse_flags(Args, __doc__)
 
 
 def make_policy(megabytes: float) -> torch.nn.Module:
