@@ -177,8 +177,8 @@ class WeightSyncStrategy(DDPStrategy):
 
     @property
     def scheme(self) -> Optional[WeightSyncScheme]:
-        """The sender side: on training rank 0, and with node senders on each node's local training rank 0 (``None``
-        on other ranks and before ``fabric.launch``). Global rank 0's lists every worker's status."""
+        """This node's sender, on each node's local training rank 0 (``None`` on other ranks, before ``fabric.launch``,
+        and on a node whose relay serves rank 0's weights). Global rank 0's lists every worker's status."""
         return self._scheme
 
     @property
