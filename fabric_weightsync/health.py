@@ -116,6 +116,8 @@ class Health:
         first_relay = max(worker_ids, default=-1) + 1
         self.relays = [WorkerStatus(first_relay + i, relay_of=node) for i, node in enumerate(relays)]
         self._by_id.update((status.worker_id, status) for status in self.relays)
+        self.served = self.watched + self.relays
+        """Whom this process sends weights to: its own workers and the relays."""
         self.on_worker_failure = on_worker_failure
         self.heartbeat_timeout = heartbeat_timeout
         self._open_store = open_store

@@ -62,7 +62,7 @@ class Links:
         """Workers served over a process group: a push may have to reach the latest-version key for them."""
         self.idle_group_links = 0
         """Of those, links waiting for a newer version: their workers hold no update a push could supersede."""
-        self._links = {status.worker_id: _WorkerLink(self, status, 0) for status in health.watched + health.relays}
+        self._links = {status.worker_id: _WorkerLink(self, status, 0) for status in health.served}
         self._parked: dict[int, tuple[DistributedTransport, int]] = {}
         """Connections of workers that serve themselves, with their number, while they live (no thread serves them)."""
         self._doorbell = _Doorbell(self)

@@ -135,7 +135,7 @@ class WeightSyncScheme:
     def bytes_sent(self) -> int:
         """Bytes of weights this process sent so far to its workers and relays (what crossed a connection, not
         shared memory)."""
-        return sum(status.bytes_sent for status in self.health.watched + self.health.relays)
+        return sum(status.bytes_sent for status in self.health.served)
 
     @property
     def links(self) -> Optional[Links]:
@@ -158,13 +158,12 @@ class WeightSyncScheme:
         # Staging lives where the data plane reads it: host memory (shared files when workers may read them there;
         # a GPU trainer pays one device-to-host copy per push), or the GPU for nccl.
         device = sources[0].device if self.backend == "nccl" and sources else torch.device("cpu")
-        served_statuses = self.health.watched + self.health.relays
-        ranks = max(status.rank for status in served_statuses)
+        ranks = max(status.rank for status in self.health.served)
         self.staging = Staging(
             module, workers=ranks, shared=self._shared_staging, device=device, checksum=self.checksum,
             flatten=self.flatten_weights, pushed=self._pushed,
         )  # fmt: skip
-        served = {status.rank for status in served_statuses}
+        served = {status.rank for status in self.health.served}
         for rank in set(range(1, ranks + 1)) - served:  # board rows of other nodes' workers: nobody reads from here
             self.staging.exempt(rank)
         self.staging.start(version)
